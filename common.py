@@ -1,0 +1,712 @@
+"""What vae.py, ebm.py and ncsn.py share: data loading, metrics, image grids, and run-folder I/O.
+
+Everything that is *about a model* lives in that model's file; this file only moves pixels and
+numbers around, so that the three models are trained and measured the same way.
+
+    python common.py explore    --data ../shared/data/cifar10-jpeg   # figures + numbers of the data
+    python common.py bench-data --data ../shared/data/cifar10-jpeg   # our loader vs a DataLoader
+    python common.py compare runs/A runs/B ...                        # one table for several runs
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+IMAGE_DIMS = 3 * 32 * 32  # one CIFAR-10 image: the D in bits per dimension
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class UserError(Exception):
+    """A problem with the user's input: the scripts print it as one line and exit with status 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: any source becomes one uint8 tensor (N, 3, 32, 32), decoded once and cached
+# ----------------------------------------------------------------------------------------------
+
+def _to_32x32(path):
+    """Decode one image file to a (32, 32, 3) uint8 array: RGB, shorter side 32, centre crop."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "PA", "LA") else img.convert("RGB")
+        if img.size != (32, 32):
+            w, h = img.size
+            scale = 32 / min(w, h)
+            img = img.resize((max(32, round(w * scale)), max(32, round(h * scale))), Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - 32) // 2, (h - 32) // 2
+            img = img.crop((left, top, left + 32, top + 32))
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _image_files(folder):
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _folder_split(path, split):
+    """The files of one split: `train/` and `test/` subfolders if present, else a seeded 5% hold-out."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"--data {path}: no such folder (give an image folder, or 'cifar10')")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        base, files = root / split, _image_files(root / split)
+    else:
+        base, files = root, _image_files(root)
+        if len(files) >= 2:  # the split never depends on the run's seed: test images stay test images
+            order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+            n_test = max(1, round(0.05 * len(files)))
+            keep = sorted(order[:n_test] if split == "test" else order[n_test:])
+            files = [files[i] for i in keep]
+    if not files:
+        raise UserError(f"--data {path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {base}")
+    return base, files
+
+
+def data_key(data, split):
+    """A short name that changes whenever the split's files do (names, sizes, modification times)."""
+    if data == "cifar10":
+        return f"cifar10-{split}"
+    base, files = _folder_split(data, split)
+    h = hashlib.sha1(str(base.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(base)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return f"{Path(data).resolve().name}-{split}-{h.hexdigest()[:12]}"
+
+
+def _decode_folder(data, split):
+    base, files = _folder_split(data, split)
+    classes = sorted({f.relative_to(base).parts[0] for f in files if len(f.relative_to(base).parts) > 1})
+    images, labels, bad = [], [], []
+
+    def decode(f):
+        try:
+            return _to_32x32(f)
+        except Exception:  # a truncated or non-image file: skipped, and said so below
+            return None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for f, arr in zip(files, pool.map(decode, files, chunksize=256)):
+            if arr is None:
+                bad.append(f)
+                continue
+            images.append(arr)
+            parts = f.relative_to(base).parts
+            labels.append(classes.index(parts[0]) if len(parts) > 1 else -1)
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[0]}", file=sys.stderr)
+    if not images:
+        raise UserError(f"--data {data}: none of the {len(files)} image files in {base} could be read")
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return {"images": x, "labels": torch.tensor(labels), "classes": classes}
+
+
+def _download_cifar10(root, split):
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(root, train=(split == "train"), download=True)
+    except Exception as e:  # no network (URLError), a refused connection, a corrupt archive...
+        raise UserError(
+            f"CIFAR-10 is not in {root}/ and could not be downloaded ({type(e).__name__}): put "
+            f"cifar-10-python.tar.gz in {root}/, or pass --data PATH to train on any folder of images"
+        ) from None
+    x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+    return {"images": x, "labels": torch.tensor(ds.targets), "classes": list(ds.classes)}
+
+
+def load_split(data, data_root, split):
+    """{'images': uint8 (N, 3, 32, 32), 'labels', 'classes'} for `data` = 'cifar10' or a folder.
+
+    Decoding 50,000 JPEGs takes seconds, so the result is cached under data_root, keyed by data_key():
+    a second run reads one file, and any change to the folder's files makes a new key.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(split)
+    if data == "cifar10":
+        return _download_cifar10(data_root, split)
+    cache = Path(data_root) / "cache" / f"{data_key(data, split)}.pt"
+    if cache.exists():
+        try:
+            return torch.load(cache, weights_only=True)
+        except Exception:
+            pass  # a damaged cache is rebuilt below
+    out = _decode_folder(data, split)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(out, cache)
+    return out
+
+
+def load_images(data, data_root, split):
+    """The uint8 image tensor (N, 3, 32, 32) of one split. The models never see labels."""
+    return load_split(data, data_root, split)["images"]
+
+
+class DeviceLoader:
+    """Training batches cut on the device from a device-resident uint8 tensor.
+
+    No workers and no PIL in the loop: one index_select per batch. Each epoch's permutation and
+    flips come from a generator seeded by (seed, epoch), so resuming at an epoch boundary replays
+    the same order with no state to save. Under DDP every rank draws the same permutation and takes
+    a disjoint, interleaved shard of it.
+    """
+
+    def __init__(self, images, batch_size, device, seed=0, rank=0, world_size=1, flip=True):
+        self.images = images.to(device)
+        self.device, self.seed, self.rank, self.world, self.flip = torch.device(device), seed, rank, world_size, flip
+        self.shard_size = len(images) // world_size
+        self.batch_size = max(1, min(batch_size, self.shard_size))
+
+    def __len__(self):
+        return self.shard_size // self.batch_size
+
+    def epoch(self, epoch):
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.images), generator=g, device=self.device)
+        flips = torch.rand(len(self.images), generator=g, device=self.device) < 0.5
+        shard = slice(self.rank, self.shard_size * self.world, self.world)
+        perm, flips = perm[shard], flips[shard]
+        for i in range(len(self)):
+            batch = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            x = self.images[perm[batch]]  # (B, 3, 32, 32) uint8
+            if self.flip:
+                x = torch.where(flips[batch, None, None, None], x.flip(3), x)
+            yield x.float() / 255
+
+
+# 2-D toy data for the toy experiments. The mixture is the NCSN paper's (Song & Ermon 2019, Fig. 3).
+MIXTURE_WEIGHTS, MIXTURE_MEANS, MIXTURE_STD = (0.8, 0.2), ((5.0, 5.0), (-5.0, -5.0)), 1.0
+
+
+def toy_data(name, n, generator=None):
+    """n points (n, 2) from 'mixture', '8gaussians' or 'rings'."""
+    g = generator
+    if name == "mixture":
+        first = torch.rand(n, generator=g) < MIXTURE_WEIGHTS[0]
+        means = torch.where(first[:, None], torch.tensor(MIXTURE_MEANS[0]), torch.tensor(MIXTURE_MEANS[1]))
+        return means + MIXTURE_STD * torch.randn(n, 2, generator=g)
+    if name == "8gaussians":
+        angle = torch.randint(0, 8, (n,), generator=g) * (math.pi / 4)
+        centres = 2.0 * torch.stack([angle.cos(), angle.sin()], 1)
+        return centres + 0.15 * torch.randn(n, 2, generator=g)
+    if name == "rings":
+        radius = torch.randint(1, 4, (n,), generator=g).float()  # three rings, radii 1, 2, 3
+        angle = 2 * math.pi * torch.rand(n, generator=g)
+        return radius[:, None] * torch.stack([angle.cos(), angle.sin()], 1) + 0.08 * torch.randn(n, 2, generator=g)
+    raise UserError(f"unknown toy dataset {name!r} (choose mixture, 8gaussians or rings)")
+
+
+def mixture_log_prob(x):
+    """log p(x) of the NCSN toy mixture, exactly; its autograd gradient is the true score."""
+    means = torch.tensor(MIXTURE_MEANS, dtype=x.dtype, device=x.device)  # (2, 2)
+    log_w = torch.tensor(MIXTURE_WEIGHTS, dtype=x.dtype, device=x.device).log()
+    sq = ((x[:, None, :] - means) ** 2).sum(-1) / MIXTURE_STD**2  # (N, 2)
+    return torch.logsumexp(log_w - 0.5 * sq - math.log(2 * math.pi * MIXTURE_STD**2), dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+def bits_per_dim(nll_nats, dims=IMAGE_DIMS):
+    """Negative log-likelihood of one image in nats -> bits per subpixel: nll / (D ln 2)."""
+    return nll_nats / (dims * math.log(2))
+
+
+def to_uint8(x):
+    """Float images in [0, 1] (clamped first) -> uint8, as every metric and .npz receives them."""
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class TinyFeatures(torch.nn.Module):
+    """A small fixed random conv net, registered as torch-fidelity feature extractor 'tiny-random'.
+
+    It lets the whole FID / IS / KID pipeline run offline (tests, CI) without Inception weights.
+    Its scores measure something real (a distance between feature statistics) but are NOT
+    comparable with any published number.
+    """
+
+    def __init__(self, name, features_list, **kwargs):
+        from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+        FeatureExtractorBase.__init__(self, name, features_list)
+        g = torch.Generator().manual_seed(0)
+        self.w1 = torch.nn.Parameter(torch.randn(32, 3, 4, 4, generator=g) / 7, requires_grad=False)
+        self.w2 = torch.nn.Parameter(torch.randn(64, 32, 4, 4, generator=g) / 23, requires_grad=False)
+        self.head = torch.nn.Parameter(torch.randn(10, 64, generator=g) / 8, requires_grad=False)
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("features", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "features", "kid": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    def forward(self, x):  # x: (B, 3, H, W) uint8, as torch-fidelity hands it over
+        h = torch.nn.functional.conv2d(x.float() / 127.5 - 1, self.w1, stride=2).tanh()
+        h = torch.nn.functional.conv2d(h, self.w2, stride=2).tanh().mean((2, 3))  # (B, 64)
+        out = {"features": h.double(), "logits": (h @ self.head.T).double()}
+        return tuple(out[f] for f in self.features_list)
+
+
+def _register_tiny_features():
+    import torch_fidelity
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if "tiny-random" not in FEATURE_EXTRACTORS_REGISTRY:
+        cls = type("TinyRandomFeatures", (TinyFeatures, FeatureExtractorBase), {})
+        torch_fidelity.register_feature_extractor("tiny-random", cls)
+
+
+class _Uint8Images(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def fid_from_features(features_1, features_2):
+    """Frechet distance between Gaussians fitted to two (N, F) feature sets (torch-fidelity's code)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    stats = [fid_features_to_statistics(f.double().cpu()) for f in (features_1, features_2)]
+    return fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
+
+
+def generative_metrics(samples, data, data_root, extractor="inception-v3-compat", weights=None, device="cpu"):
+    """FID, Inception Score and KID of `samples` (float in [0, 1]) against the training split.
+
+    The reference statistics are cached by torch-fidelity under data_root, keyed by the data and
+    the extractor. The sample count is returned beside the scores: FID is biased upwards for
+    small N, and papers use 50,000 samples.
+    """
+    import torch_fidelity
+
+    if extractor == "tiny-random":
+        _register_tiny_features()
+    reference = load_images(data, data_root, "train")
+    fake = to_uint8(samples.cpu())
+    n, n_ref = len(fake), len(reference)
+    if n < 2:
+        raise UserError("--n: need at least 2 samples for FID / IS / KID")
+    try:
+        scores = torch_fidelity.calculate_metrics(
+            input1=_Uint8Images(fake), input2=_Uint8Images(reference), input2_cache_name=f"{data_key(data, 'train')}",
+            cache_root=str(Path(data_root) / "fidelity_cache"), feature_extractor=extractor,
+            feature_extractor_weights_path=weights, cuda=torch.device(device).type == "cuda",
+            isc=True, fid=True, kid=True, isc_splits=min(10, n), kid_subsets=10,
+            kid_subset_size=min(1000, n, n_ref), verbose=False, batch_size=100)
+    except OSError as e:
+        raise UserError(f"could not load the {extractor} weights ({type(e).__name__}: no network?): download "
+                        "them once elsewhere and pass --fid-weights FILE") from None
+    return {"fid": scores["frechet_inception_distance"], "is_mean": scores["inception_score_mean"],
+            "is_std": scores["inception_score_std"], "kid_mean": scores["kernel_inception_distance_mean"],
+            "kid_std": scores["kernel_inception_distance_std"], "n_samples": n, "n_reference": n_ref,
+            "extractor": extractor}
+
+
+# ----------------------------------------------------------------------------------------------
+# Image grids and plots
+# ----------------------------------------------------------------------------------------------
+
+def save_grid(images, path, nrow=None):
+    """Save (B, 3, H, W) images in [0, 1] (clamped) as one PNG grid."""
+    from torchvision.utils import save_image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.detach().float().clamp(0, 1).cpu(), path, nrow=nrow or math.ceil(math.sqrt(len(images))))
+
+
+def save_rows(rows, path, title=None):
+    """A figure with one labelled row of images per (label, (B, 3, H, W) tensor) pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    width = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(0.9 * width + 1.5, 1.0 * len(rows) + 0.6), squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], rows):
+        grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=width, padding=1, pad_value=1.0)
+        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_metrics(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_metrics(run_dir, path=None):
+    """Plot every numeric scalar of a run's metrics.jsonl against the step; returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    keys = sorted({k for r in rows for k, v in r.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch")})
+    if not keys:
+        return None
+    cols = min(3, len(keys))
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4 * cols, 2.6 * math.ceil(len(keys) / cols)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
+        ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path or Path(run_dir) / "metrics.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders: arguments, logging, checkpoints, devices (the plumbing every training loop needs)
+# ----------------------------------------------------------------------------------------------
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+RUN_FLAGS = ("resume", "sample", "eval", "inpaint", "interpolate")  # flags that name an existing run folder
+
+
+def parse_args(parser, argv=None):
+    """Parse argv; with a flag naming a run folder, the run's config.json fills every flag not given.
+
+    This is how `--resume runs/RUN --epochs 300` extends a run with its own width, data, seed, ...
+    """
+    args = parser.parse_args(argv)
+    run = next((getattr(args, f) for f in RUN_FLAGS if getattr(args, f, None)), None)
+    if run is None:
+        return args
+    config = Path(run) / "config.json"
+    if not config.exists():
+        raise UserError(f"{run} is not a run folder (no config.json)")
+    try:
+        saved = json.loads(config.read_text())["args"]
+    except (ValueError, KeyError):
+        raise UserError(f"{config} is damaged (not the JSON this project writes)") from None
+    defaults = {a.dest: a.default for a in parser._actions}
+    for a in parser._actions:
+        a.default = argparse.SUPPRESS
+    try:
+        given = vars(parser.parse_args(argv))
+    finally:
+        for a in parser._actions:
+            a.default = defaults[a.dest]
+    for key, value in saved.items():
+        if key not in given and key not in RUN_FLAGS and hasattr(args, key):
+            setattr(args, key, value)
+    return args
+
+
+def make_run_dir(model, args):
+    """runs/<model>__<name>__<seed>__<time>, or the folder being resumed."""
+    if getattr(args, "resume", None):
+        return Path(args.resume)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.run_dir) / f"{model}__{args.name}__{args.seed}__{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def save_config(run_dir, args):
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except Exception:
+        commit = None
+    info = {"args": vars(args), "torch": torch.__version__, "cuda": torch.version.cuda, "git_commit": commit,
+            "command": " ".join(sys.argv)}
+    (Path(run_dir) / "config.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+class RunLog:
+    """metrics.jsonl (one JSON object per call) + TensorBoard, and wandb behind --track."""
+
+    def __init__(self, run_dir, args=None, track=False):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = SummaryWriter(str(run_dir))
+        self.wandb = None
+        if track:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--track needs wandb: pip install wandb") from None
+            self.wandb = wandb.init(project="cifar10-generative", name=Path(run_dir).name,
+                                    config=vars(args) if args else None, resume="allow")
+
+    def log(self, step, **scalars):
+        row = {"step": step, **{k: (float(v) if torch.is_tensor(v) else v) for k, v in scalars.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(row, step=step)
+
+    def close(self):
+        self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, fsync, rename: a crash mid-save never destroys the old file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(run_or_file, model_name):
+    """Load runs/RUN/checkpoint.pt with weights_only=True; one clear UserError for every bad case."""
+    path = Path(run_or_file)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = "it holds pickled code, which is refused" if "weights_only" in str(e).lower() or \
+            "unsupported global" in str(e).lower() else "corrupt or truncated"
+        raise UserError(f"cannot load {path}: {reason}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("model") != model_name:
+        other = ckpt.get("model") if isinstance(ckpt, dict) else None
+        raise UserError(f"{path} is a checkpoint of {other or 'something else'}, not of {model_name}")
+    return ckpt
+
+
+def load_weights(module, state_dict, path):
+    """module.load_state_dict with a clear error when the checkpoint has another architecture/width."""
+    state_dict = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state_dict.items()}
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError:
+        raise UserError(f"{path} was trained with another architecture or width than this one "
+                        "(its config.json says which)") from None
+
+
+def rng_state():
+    """Every random generator's state, in types that torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_device(name="auto"):
+    """(device, rank, world_size). Under torchrun this joins the process group (NCCL or gloo)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(name)
+    if world > 1:
+        if name == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if name == "cuda" else "gloo")
+    if name == "cuda":  # TF32 matmuls/convolutions: free speed on Ampere and newer
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device, rank, world
+
+
+def run_main(main, argv=None):
+    """Call main(argv); a UserError becomes one line on stderr and exit status 1, not a traceback."""
+    try:
+        main(argv)
+    except UserError as e:
+        prog = Path(sys.argv[0]).name
+        sys.exit(f"{prog}: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the last checkpoint.pt is intact; continue with --resume RUN")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: data exploration, loader benchmark, run comparison
+# ----------------------------------------------------------------------------------------------
+
+def explore(data, data_root, out_dir):
+    """Describe the data: class counts, channel statistics, histograms, examples, the mean image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, test = load_split(data, data_root, "train"), load_split(data, data_root, "test")
+    x = train["images"].float() / 255  # (N, 3, 32, 32)
+    classes = train["classes"] or ["(no class folders)"]
+    labels = train["labels"].clamp(min=0)
+    counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
+    stats = {"data": data, "train_images": len(x), "test_images": len(test["images"]),
+             "images_per_class": counts, "channel_mean": x.mean((0, 2, 3)).tolist(),
+             "channel_std": x.std((0, 2, 3)).tolist(),
+             "max_pairwise_distance_1000": float(torch.cdist(x[:1000].flatten(1), x[:1000].flatten(1)).max())}
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.bar(list(counts), list(counts.values()), color="tab:blue")
+    ax.set_ylabel("training images"), ax.tick_params(axis="x", labelrotation=45)
+    fig.tight_layout(), fig.savefig(out_dir / "class_counts.png", dpi=100), plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for c, colour in enumerate(("red", "green", "blue")):
+        hist = torch.bincount(train["images"][:, c].flatten().long(), minlength=256).float()
+        ax.plot(hist / hist.sum(), color=colour, label="RGB"[c])
+    ax.set_xlabel("pixel value"), ax.set_ylabel("frequency"), ax.legend()
+    fig.tight_layout(), fig.savefig(out_dir / "pixel_histograms.png", dpi=100), plt.close(fig)
+
+    per_class = [x[labels == i][:10] for i in range(len(classes))]
+    save_rows([(c, imgs) for c, imgs in zip(classes, per_class) if len(imgs)], out_dir / "examples.png")
+    save_grid(x.mean(0, keepdim=True), out_dir / "mean_image.png")
+    print(f"{len(x)} training and {stats['test_images']} test images of 32x32 RGB")
+    print("images per class: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    print("channel mean (R, G, B): " + ", ".join(f"{m:.3f}" for m in stats["channel_mean"]))
+    print("channel std  (R, G, B): " + ", ".join(f"{s:.3f}" for s in stats["channel_std"]))
+    print(f"largest distance between 1000 training images (NCSNv2's sigma_1 rule): "
+          f"{stats['max_pairwise_distance_1000']:.1f}")
+    print(f"figures and stats.json written to {out_dir}/")
+    return stats
+
+
+def bench_data(data, data_root, batch_size=128):
+    """One epoch of DeviceLoader against a torchvision DataLoader (2 workers) over the same images."""
+    from PIL import Image
+    from torchvision import transforms
+
+    images = load_images(data, data_root, "train")  # decoded once (cached), like a training run
+    loader = DeviceLoader(images, batch_size, "cpu", seed=0)
+    start = time.perf_counter()
+    n_ours = sum(len(x) for x in loader.epoch(0))
+    ours = time.perf_counter() - start
+
+    if data == "cifar10":
+        from torchvision.datasets import CIFAR10
+        transform = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+        dataset = CIFAR10(data_root, train=True, transform=transform)
+    else:
+        files = _folder_split(data, "train")[1]
+        transform = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32),
+                                        transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+
+        class Files(torch.utils.data.Dataset):
+            def __len__(self):
+                return len(files)
+
+            def __getitem__(self, i):
+                with Image.open(files[i]) as img:
+                    return transform(img.convert("RGB")), 0
+        dataset = Files()
+    dl = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=2, drop_last=True)
+    start = time.perf_counter()
+    n_theirs = sum(len(x) for x, _ in dl)
+    theirs = time.perf_counter() - start
+    print(f"DeviceLoader (ours):          {n_ours} images in {ours:.3f} s ({n_ours / ours:,.0f} img/s)")
+    print(f"DataLoader (2 workers, PIL):  {n_theirs} images in {theirs:.3f} s ({n_theirs / theirs:,.0f} img/s)")
+    ratio = (n_ours / ours) / (n_theirs / theirs)
+    print(f"ratio: ours is {ratio:.1f}x faster")
+    return ratio
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("explore", "figures and statistics of a dataset"),
+                       ("bench-data", "one epoch of our loader against a torchvision DataLoader")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--data", default="cifar10", help="'cifar10' or a folder of images")
+        p.add_argument("--data-root", default="data", help="where CIFAR-10 and decoded-image caches live")
+        if name == "explore":
+            p.add_argument("--out", default="runs/data_exploration", help="output folder")
+        else:
+            p.add_argument("--batch-size", type=positive_int, default=128, help="images per batch")
+    args = parser.parse_args(argv)
+    if args.command == "explore":
+        explore(args.data, args.data_root, args.out)
+    elif args.command == "bench-data":
+        bench_data(args.data, args.data_root, args.batch_size)
+
+
+if __name__ == "__main__":
+    run_main(main)
