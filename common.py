@@ -208,12 +208,16 @@ def toy_data(name, n, generator=None):
     raise UserError(f"unknown toy dataset {name!r} (choose mixture, 8gaussians or rings)")
 
 
-def mixture_log_prob(x):
-    """log p(x) of the NCSN toy mixture, exactly; its autograd gradient is the true score."""
+def mixture_log_prob(x, sigma=0.0):
+    """Exact log density of the toy mixture convolved with N(0, sigma^2 I); its gradient is the true score.
+
+    Adding Gaussian noise to a Gaussian mixture only widens each component: var = std^2 + sigma^2.
+    """
     means = torch.tensor(MIXTURE_MEANS, dtype=x.dtype, device=x.device)  # (2, 2)
     log_w = torch.tensor(MIXTURE_WEIGHTS, dtype=x.dtype, device=x.device).log()
-    sq = ((x[:, None, :] - means) ** 2).sum(-1) / MIXTURE_STD**2  # (N, 2)
-    return torch.logsumexp(log_w - 0.5 * sq - math.log(2 * math.pi * MIXTURE_STD**2), dim=1)
+    var = MIXTURE_STD**2 + torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1) ** 2
+    sq = ((x[:, None, :] - means) ** 2).sum(-1) / var  # (N, 2)
+    return torch.logsumexp(log_w - 0.5 * sq - torch.log(2 * math.pi * var), dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,14 +437,16 @@ def parse_args(parser, argv=None):
         saved = json.loads(config.read_text())["args"]
     except (ValueError, KeyError):
         raise UserError(f"{config} is damaged (not the JSON this project writes)") from None
-    defaults = {a.dest: a.default for a in parser._actions}
-    for a in parser._actions:
+    defaults, parser_defaults = {a.dest: a.default for a in parser._actions}, parser._defaults
+    for a in parser._actions:  # parse once more with no defaults at all: what is left was typed
         a.default = argparse.SUPPRESS
+    parser._defaults = {}
     try:
         given = vars(parser.parse_args(argv))
     finally:
         for a in parser._actions:
             a.default = defaults[a.dest]
+        parser._defaults = parser_defaults
     for key, value in saved.items():
         if key not in given and key not in RUN_FLAGS and hasattr(args, key):
             setattr(args, key, value)

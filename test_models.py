@@ -260,3 +260,188 @@ def test_explore_on_real_cifar10_copy(tmp_path):
     assert stats["train_images"] == 50000 and stats["test_images"] == 10000
     assert set(stats["images_per_class"].values()) == {5000}
     assert all(0.4 < m < 0.55 for m in stats["channel_mean"])
+
+
+# ------------------------------------------------------------------------------------------------
+# ncsn.py
+# ------------------------------------------------------------------------------------------------
+
+import ncsn  # noqa: E402
+
+NCSN_TINY = ["--width", "8", "--channel-mult", "1,2", "--num-res-blocks", "1", "--num-scales", "10",
+             "--steps-per-level", "1", "--batch-size", "16", "--log-every", "2", "--test-images", "16"]
+
+
+def gaussian_score(mu, s2):
+    """The exact score of N(mu, s^2 I) convolved with N(0, sigma^2 I): -(x - mu) / (s^2 + sigma^2)."""
+    return lambda x, sigma: -(x - mu) / (s2 + sigma.view(-1, *[1] * (x.dim() - 1)) ** 2)
+
+
+def test_dsm_loss_of_the_exact_score_reaches_the_closed_form_minimum():
+    torch.manual_seed(0)
+    n, d, mu, s2 = 100_000, 3, 2.0, 0.5**2
+    x = mu + s2**0.5 * torch.randn(n, d)
+    sigmas = torch.tensor([0.3, 1.0, 3.0])
+    for level, sigma in enumerate(sigmas):
+        levels = torch.full((n,), level)
+        exact = ncsn.dsm_loss(gaussian_score(mu, s2), x, sigmas, levels).mean()
+        minimum = 0.5 * d * s2 / (s2 + sigma**2)  # 1/2 D s^2 / (s^2 + sigma^2)
+        assert exact.item() == pytest.approx(minimum.item(), rel=0.02)
+        worse = ncsn.dsm_loss(lambda x, s: 1.2 * gaussian_score(mu, s2)(x, s), x, sigmas, levels).mean()
+        assert worse > exact + 0.01
+
+
+def test_final_denoising_step_is_the_posterior_mean():
+    torch.manual_seed(0)
+    mu, s2, sigma = torch.tensor([1.0, -2.0]), 0.7, torch.tensor(0.4)
+    y = mu + (s2 + sigma**2) ** 0.5 * torch.randn(1000, 2)  # noisy observations of N(mu, s2 I)
+    posterior_mean = mu + s2 / (s2 + sigma**2) * (y - mu)
+    assert torch.allclose(ncsn.tweedie_denoise(gaussian_score(mu, s2), y, sigma), posterior_mean, atol=1e-6)
+
+
+def test_annealed_langevin_recovers_mixture_weights_and_plain_langevin_does_not():
+    g = torch.Generator().manual_seed(0)
+    n = 600
+    start = 16 * torch.rand(n, 2, generator=g) - 8
+    sigmas = ncsn.geometric_sigmas(20.0, 1.0, 10)
+    annealed, _ = ncsn.annealed_langevin(ncsn.exact_mixture_score, start.clone(), sigmas, 100, 0.1,
+                                         denoise=False, generator=g)
+    plain, _ = ncsn.annealed_langevin(lambda x, s: ncsn.exact_mixture_score(x, 0.0), start.clone(), torch.ones(1),
+                                      1000, 0.1, denoise=False, generator=g)
+    assert abs(ncsn.share_in_first_mode(annealed) - 0.8) < 0.05
+    assert abs(ncsn.share_in_first_mode(plain) - 0.8) > 0.15
+
+
+def test_geometric_sigmas_and_score_net_shapes():
+    sigmas = ncsn.geometric_sigmas(50, 0.01, 232)
+    assert sigmas[0].item() == pytest.approx(50) and sigmas[-1].item() == pytest.approx(0.01)
+    ratios = sigmas[1:] / sigmas[:-1]
+    assert torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-4)
+    default = ncsn.build_net(ncsn.build_parser().parse_args([]))
+    assert 20e6 < sum(p.numel() for p in default.parameters()) < 35e6  # the issue's GPU size
+    net = ncsn.ScoreNet(8, (1, 2), 1)
+    x, sigma = torch.rand(3, 3, 32, 32), torch.tensor([0.01, 1.0, 50.0])
+    assert net(x, sigma).shape == (3, 3, 32, 32)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+def test_non_finite_steps_leave_the_weights_alone_and_too_many_stop_the_run(tiny_images, tmp_path, monkeypatch):
+    dsm = ncsn.dsm_loss
+    monkeypatch.setattr(ncsn, "dsm_loss", lambda *a, **k: dsm(*a, **k) * float("nan"))  # every step diverges
+    argv = ["--data", str(tiny_images), "--data-root", str(tmp_path), "--epochs", "1", *NCSN_TINY]
+    ncsn.main([*argv, "--run-dir", str(tmp_path / "a"), "--max-bad-steps", "100"])
+    ckpt = torch.load(next((tmp_path / "a").glob("*/checkpoint.pt")), weights_only=True)
+    torch.manual_seed(1)  # the run's seed: the same initial weights
+    initial = ncsn.build_net(ncsn.build_parser().parse_args(NCSN_TINY)).state_dict()
+    assert all(torch.equal(ckpt["net"][k], initial[k]) for k in initial)  # four NaN steps changed nothing
+    with pytest.raises(common.UserError, match="training diverged.*last good checkpoint"):
+        ncsn.main([*argv, "--run-dir", str(tmp_path / "b"), "--max-bad-steps", "2"])
+
+
+def test_ncsn_toy_experiment_reproduces_the_paper_figure(tmp_path):
+    out = run_script("ncsn.py", "--toy", "--run-dir", tmp_path)
+    shares = json.loads(next(tmp_path.glob("ncsn_toy__*/toy.json")).read_text())
+    assert "share of samples in the (5,5) mode" in out.stdout
+    data, plain, annealed, learned = shares.values()
+    assert abs(data - 0.8) < 0.05 and abs(annealed - 0.8) < 0.05 and abs(learned - 0.8) < 0.07
+    assert abs(plain - 0.8) > 0.15
+    assert next(tmp_path.glob("ncsn_toy__*/toy.png")).stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def ncsn_runs(tiny_images, tmp_path_factory):
+    """Two epochs in one go, and one epoch then --resume to two."""
+    tmp = tmp_path_factory.mktemp("ncsn")
+    common_args = ["--data", tiny_images, "--data-root", tmp / "data", "--run-dir", tmp / "runs", *NCSN_TINY]
+    run_script("ncsn.py", *common_args, "--epochs", "2", "--name", "full")
+    run_script("ncsn.py", *common_args, "--epochs", "1", "--name", "half")
+    half = next((tmp / "runs").glob("ncsn__half__*"))
+    run_script("ncsn.py", "--resume", half, "--epochs", "2")
+    return next((tmp / "runs").glob("ncsn__full__*")), half, common_args
+
+
+def test_ncsn_resume_is_bit_identical_to_an_uninterrupted_run(ncsn_runs):
+    full, half, _ = ncsn_runs
+    a, b = (torch.load(r / "checkpoint.pt", weights_only=True) for r in (full, half))
+    assert a["step"] == b["step"] == 8 and a["epoch"] == b["epoch"] == 2
+    for key in ("net", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert not all(torch.equal(a["net"][k], a["ema"][k]) for k in a["net"])  # the EMA is a different average
+    for name in ("config.json", "metrics.jsonl", "summary.json", "samples/epoch_0001.png", "samples/epoch_0002.png"):
+        assert (full / name).exists()
+    rows = common.read_metrics(full)
+    assert {"test_dsm_q1", "test_dsm_q4", "img_per_s", "loss"} <= {k for r in rows for k in r}
+
+
+def test_ncsn_sample_inpaint_eval_and_bench(ncsn_runs, tmp_path):
+    full, _, common_args = ncsn_runs
+    run_script("ncsn.py", "--sample", full, "--n", 10)
+    samples = np.load(full / "samples.npz")["samples"]
+    assert samples.shape == (10, 32, 32, 3) and samples.dtype == np.uint8
+    assert (full / "samples.png").exists() and (full / "trajectory.png").exists()
+    run_script("ncsn.py", "--inpaint", full)
+    assert (full / "inpaint_right_half.png").exists() and (full / "inpaint_centre.png").exists()
+    run_script("ncsn.py", "--eval", full, "--n", 12, "--fid-extractor", "tiny-random")
+    result = json.loads((full / "eval.json").read_text())
+    assert result["n_samples"] == 12 and math.isfinite(result["fid"]) and result["nfe_per_sample"] == 11
+    assert "test_dsm" in result
+    run_script("ncsn.py", "--bench", "--run-dir", tmp_path, "--batch-size", 4, "--sample-batch", 8,
+               *NCSN_TINY[:6])
+    bench = json.loads(next(tmp_path.glob("ncsn__*/bench.json")).read_text())
+    assert bench["train_images_per_s"] > 0 and bench["parameters"] < 100_000 and bench["nfe_per_sample"] == 1161
+
+
+def test_inpainting_keeps_the_observed_pixels():
+    torch.manual_seed(0)
+    y = torch.rand(2, 3, 32, 32)
+    mask = torch.zeros_like(y, dtype=torch.bool)
+    mask[..., :16] = True
+    net = ncsn.ScoreNet(8, (1, 2), 1)
+    with torch.no_grad():
+        x, _ = ncsn.annealed_langevin(net, torch.rand_like(y), ncsn.geometric_sigmas(1, 0.01, 3), 2, 2e-5,
+                                      observed=y, mask=mask)
+    assert torch.equal(x[mask], y[mask]) and not torch.equal(x[~mask], y[~mask])
+
+
+def test_ncsn_bad_inputs_fail_cleanly_and_leave_runs_intact(ncsn_runs, tmp_path):
+    full, _, common_args = ncsn_runs
+    before = sorted(p.name for p in full.iterdir())
+    checks = [
+        (["--epochs", "0"], "positive integer"),
+        (["--batch-size", "-1"], "positive integer"),
+        (["--data", tmp_path / "missing"], "no such folder"),
+        (["--resume", full, "--epochs", "2"], "already has 2 epochs"),
+        (["--sample", full, "--width", "16"], "another architecture or width"),
+        (["--sample", tmp_path], "not a run folder"),
+    ]
+    bad_ckpt = tmp_path / "bad"
+    bad_ckpt.mkdir()
+    (bad_ckpt / "config.json").write_text((full / "config.json").read_text())
+    (bad_ckpt / "checkpoint.pt").write_bytes((full / "checkpoint.pt").read_bytes()[:500])
+    checks.append((["--sample", bad_ckpt], "corrupt or truncated"))
+    for args, message in checks:
+        proc = run_script("ncsn.py", *[*common_args, *args] if args[0] not in ("--sample",) else args, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-500:])
+        assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in full.iterdir()) == before
+
+
+def test_ncsn_two_process_torchrun(tiny_images, tmp_path):
+    run_script("ncsn.py", "--data", tiny_images, "--data-root", tmp_path / "data", "--run-dir", tmp_path / "runs",
+               "--epochs", "1", *NCSN_TINY, torchrun=True)
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1  # rank 0 alone made a run folder
+    ckpt = torch.load(runs[0] / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4  # 64 images, 8 per rank per step: 4 steps cover the epoch
+
+
+@pytest.mark.skipif(not REAL_DATA.exists(), reason="the shared CIFAR-10 JPEG copy is not on this machine")
+def test_ncsn_learns_real_cifar10(tmp_path):
+    args = ["--data", REAL_DATA, "--data-root", ROOT / "data", "--run-dir", tmp_path, "--limit-train", 3000,
+            "--width", "16", "--channel-mult", "1,2,2", "--num-res-blocks", "1", "--num-scales", "20",
+            "--steps-per-level", "1", "--batch-size", "64", "--test-images", "300", "--lr", "1e-3", "--ema", "0",
+            "--log-every", "10"]
+    run_script("ncsn.py", *args, "--epochs", "3", timeout=600)  # 3 x 46 steps
+    rows = common.read_metrics(next(tmp_path.glob("ncsn__*")))
+    dsm = [r["test_dsm"] for r in rows if "test_dsm" in r]  # before training, then after each epoch
+    assert len(dsm) == 4 and dsm[-1] < 0.8 * dsm[0]
