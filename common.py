@@ -404,6 +404,13 @@ def plot_metrics(run_dir, path=None):
 # Run folders: arguments, logging, checkpoints, devices (the plumbing every training loop needs)
 # ----------------------------------------------------------------------------------------------
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`prog: error: ...`) rather than the usage block."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:
@@ -512,7 +519,7 @@ class RunLog:
 def atomic_save(obj, path):
     """torch.save to a temporary file, fsync, rename: a crash mid-save never destroys the old file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: DDP ranks may save the same file
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()

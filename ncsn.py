@@ -60,7 +60,7 @@ PRESETS = {  # the flags each paper fixes; anything given on the command line wi
 
 
 def build_parser(preset="ncsnv2"):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="ncsnv2", help="paper recipe: ncsnv2 (default) or ncsn2019")
     p.add_argument("--epochs", type=positive_int, default=200, help="passes over the training set")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per step, all GPUs together")

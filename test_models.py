@@ -375,18 +375,17 @@ def test_ncsn_resume_is_bit_identical_to_an_uninterrupted_run(ncsn_runs):
 
 def test_ncsn_sample_inpaint_eval_and_bench(ncsn_runs, tmp_path):
     full, _, common_args = ncsn_runs
-    run_script("ncsn.py", "--sample", full, "--n", 10)
+    ncsn.main(["--sample", str(full), "--n", "10"])
     samples = np.load(full / "samples.npz")["samples"]
     assert samples.shape == (10, 32, 32, 3) and samples.dtype == np.uint8
     assert (full / "samples.png").exists() and (full / "trajectory.png").exists()
-    run_script("ncsn.py", "--inpaint", full)
+    ncsn.main(["--inpaint", str(full)])
     assert (full / "inpaint_right_half.png").exists() and (full / "inpaint_centre.png").exists()
-    run_script("ncsn.py", "--eval", full, "--n", 12, "--fid-extractor", "tiny-random")
+    ncsn.main(["--eval", str(full), "--n", "12", "--fid-extractor", "tiny-random"])
     result = json.loads((full / "eval.json").read_text())
     assert result["n_samples"] == 12 and math.isfinite(result["fid"]) and result["nfe_per_sample"] == 11
     assert "test_dsm" in result
-    run_script("ncsn.py", "--bench", "--run-dir", tmp_path, "--batch-size", 4, "--sample-batch", 8,
-               *NCSN_TINY[:6])
+    ncsn.main(["--bench", "--run-dir", str(tmp_path), "--batch-size", "4", "--sample-batch", "8", *NCSN_TINY[:6]])
     bench = json.loads(next(tmp_path.glob("ncsn__*/bench.json")).read_text())
     assert bench["train_images_per_s"] > 0 and bench["parameters"] < 100_000 and bench["nfe_per_sample"] == 1161
 
@@ -405,25 +404,30 @@ def test_inpainting_keeps_the_observed_pixels():
 
 def test_ncsn_bad_inputs_fail_cleanly_and_leave_runs_intact(ncsn_runs, tmp_path):
     full, _, common_args = ncsn_runs
-    before = sorted(p.name for p in full.iterdir())
-    checks = [
-        (["--epochs", "0"], "positive integer"),
-        (["--batch-size", "-1"], "positive integer"),
-        (["--data", tmp_path / "missing"], "no such folder"),
-        (["--resume", full, "--epochs", "2"], "already has 2 epochs"),
-        (["--sample", full, "--width", "16"], "another architecture or width"),
-        (["--sample", tmp_path], "not a run folder"),
-    ]
+    before = {p.name: p.stat().st_mtime_ns for p in full.iterdir()}
     bad_ckpt = tmp_path / "bad"
     bad_ckpt.mkdir()
     (bad_ckpt / "config.json").write_text((full / "config.json").read_text())
     (bad_ckpt / "checkpoint.pt").write_bytes((full / "checkpoint.pt").read_bytes()[:500])
-    checks.append((["--sample", bad_ckpt], "corrupt or truncated"))
-    for args, message in checks:
-        proc = run_script("ncsn.py", *[*common_args, *args] if args[0] not in ("--sample",) else args, check=False)
-        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-500:])
-        assert "Traceback" not in proc.stderr
-    assert sorted(p.name for p in full.iterdir()) == before
+    train = [str(a) for a in common_args]
+    checks = [
+        ([*train, "--epochs", "0"], "positive integer"),
+        ([*train, "--batch-size", "-1"], "positive integer"),
+        ([*train, "--data", str(tmp_path / "missing")], "no such folder"),
+        ([*train, "--ema", "1.5"], "--ema must be in"),
+        (["--resume", str(full), "--epochs", "2"], "already has 2 epochs"),
+        (["--sample", str(full), "--width", "16"], "another architecture or width"),
+        (["--sample", str(tmp_path)], "not a run folder"),
+        (["--sample", str(bad_ckpt)], "corrupt or truncated"),
+    ]
+    for argv, message in checks:  # run_main turns each error into one line and a non-zero exit
+        with pytest.raises(SystemExit) as exit_info:
+            common.run_main(ncsn.main, argv)
+        assert isinstance(exit_info.value.code, str) and message in exit_info.value.code, argv
+        assert "\n" not in exit_info.value.code
+    proc = run_script("ncsn.py", "--sample", bad_ckpt, check=False)  # and as a real process: no traceback
+    assert proc.returncode == 1 and "corrupt or truncated" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in full.iterdir()} == before  # nothing in the run was touched
 
 
 def test_ncsn_two_process_torchrun(tiny_images, tmp_path):
@@ -437,11 +441,11 @@ def test_ncsn_two_process_torchrun(tiny_images, tmp_path):
 
 @pytest.mark.skipif(not REAL_DATA.exists(), reason="the shared CIFAR-10 JPEG copy is not on this machine")
 def test_ncsn_learns_real_cifar10(tmp_path):
-    args = ["--data", REAL_DATA, "--data-root", ROOT / "data", "--run-dir", tmp_path, "--limit-train", 3000,
-            "--width", "16", "--channel-mult", "1,2,2", "--num-res-blocks", "1", "--num-scales", "20",
-            "--steps-per-level", "1", "--batch-size", "64", "--test-images", "300", "--lr", "1e-3", "--ema", "0",
-            "--log-every", "10"]
-    run_script("ncsn.py", *args, "--epochs", "3", timeout=600)  # 3 x 46 steps
+    args = ["--data", REAL_DATA, "--data-root", ROOT / "data", "--run-dir", tmp_path, "--limit-train", 2048,
+            "--width", "16", "--channel-mult", "1,2,2", "--num-res-blocks", "1", "--num-scales", "10",
+            "--steps-per-level", "1", "--batch-size", "32", "--test-images", "200", "--lr", "1e-3", "--ema", "0",
+            "--log-every", "16"]
+    run_script("ncsn.py", *args, "--epochs", "3", timeout=600)  # 3 x 64 steps
     rows = common.read_metrics(next(tmp_path.glob("ncsn__*")))
     dsm = [r["test_dsm"] for r in rows if "test_dsm" in r]  # before training, then after each epoch
     assert len(dsm) == 4 and dsm[-1] < 0.8 * dsm[0]

@@ -111,6 +111,23 @@ def test_free_bits_stop_the_gradient_of_a_small_kl_only():
     assert kl.grad[:, 0].abs().sum() == 0 and (kl.grad[:, 1] > 0).all()
 
 
+def test_updates_with_non_finite_or_outlying_gradients_are_skipped():
+    torch.manual_seed(0)
+    net = vae.VAE(width=8, blocks=1, latent_channels=4, mixtures=2)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    args = vae.build_parser().parse_args(["--free-bits", "0", "--device", "cpu"])
+    x, state = torch.rand(4, 3, 32, 32), {}
+    before = [p.detach().clone() for p in net.parameters()]
+    *_, skipped = vae.train_step(net, optimizer, x.clone().fill_(float("nan")), 1.0, args, state, torch.device("cpu"))
+    assert skipped and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # a NaN batch: no update
+    *_, norm, skipped = vae.train_step(net, optimizer, x, 1.0, args, state, torch.device("cpu"))
+    assert not skipped and state["grad_norm_avg"] == norm  # the first finite step sets the running average
+    state["grad_norm_avg"] = norm / 100  # the next gradient looks 100x above normal
+    before = [p.detach().clone() for p in net.parameters()]
+    *_, skipped = vae.train_step(net, optimizer, x, 1.0, args, state, torch.device("cpu"))
+    assert skipped and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
 # ------------------------------------------------------------------------------------------------
 # vae.py: the script end to end on a tiny image folder
 # ------------------------------------------------------------------------------------------------

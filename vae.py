@@ -91,13 +91,9 @@ def non_negative_float(text):
     return value
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr like every other user error, not the whole usage
-        raise UserError(message)
-
-
 def build_parser():
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=positive_int, default=200, help="passes over the training set")
     p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (all ranks)")
     p.add_argument("--lr", type=positive_float, default=5e-4, help="AdamW learning rate after warm-up")
@@ -400,13 +396,8 @@ def train(args):
     if args.batch_size < world:
         raise UserError(f"--batch-size {args.batch_size} is smaller than the {world} processes")
     # everything that can fail on user input happens before the run folder is created or touched.
-    # Rank 0 decodes and caches the images first: two processes writing the same cache file would race.
-    if rank > 0:
-        dist.barrier()
     train_images = common.load_images(args.data, args.data_root, "train")[:args.limit_train]
     test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
-    if rank == 0 and world > 1:
-        dist.barrier()
     common.seed_everything(args.seed + rank)
     net = build_net(args).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -454,7 +445,7 @@ def train(args):
             consecutive_skips = consecutive_skips + 1 if skipped else 0
             state["skipped_steps"] += int(skipped)
             if consecutive_skips >= 100:
-                last = f"{run_dir or args.resume}/checkpoint.pt (epoch {epoch - 1})"
+                last = f"{run_dir or args.resume}/checkpoint.pt (epoch {epoch - 1})" if epoch > 1 else "none yet"
                 raise UserError(f"training diverged: 100 updates in a row had non-finite or exploding gradients; "
                                 f"the last good checkpoint is {last}: resume it with a lower --lr")
             if not skipped and ema_net is not None:  # decay warms up so early epochs' EMA is not stale
