@@ -83,7 +83,7 @@ def data_key(data, split):
     for f in files:
         st = f.stat()
         h.update(f"{f.relative_to(base)}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return f"{Path(data).resolve().name}-{split}-{h.hexdigest()[:12]}"
+    return f"{Path(data).resolve().name}-{split}-{h.hexdigest()[:12]}-v2"  # v2: shuffled order
 
 
 def _decode_folder(data, split):
@@ -109,8 +109,11 @@ def _decode_folder(data, split):
         print(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[0]}", file=sys.stderr)
     if not images:
         raise UserError(f"--data {data}: none of the {len(files)} image files in {base} could be read")
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return {"images": x, "labels": torch.tensor(labels), "classes": classes}
+    # Files come sorted by class folder; a fixed shuffle makes every prefix (--limit-train N, the first
+    # test images of a figure) a fair sample of all classes, as CIFAR-10's own order is.
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)[order].contiguous()
+    return {"images": x, "labels": torch.tensor(labels)[order], "classes": classes}
 
 
 def _download_cifar10(root, split):
@@ -426,6 +429,7 @@ def positive_float(text):
 
 
 RUN_FLAGS = ("resume", "sample", "eval", "inpaint", "interpolate")  # flags that name an existing run folder
+COMMAND_FLAGS = (*RUN_FLAGS, "bench", "toy")  # what to do now: never taken from a run's config.json
 
 
 def parse_args(parser, argv=None):
@@ -455,7 +459,7 @@ def parse_args(parser, argv=None):
             a.default = defaults[a.dest]
         parser._defaults = parser_defaults
     for key, value in saved.items():
-        if key not in given and key not in RUN_FLAGS and hasattr(args, key):
+        if key not in given and key not in COMMAND_FLAGS and hasattr(args, key):
             setattr(args, key, value)
     return args
 
@@ -670,9 +674,12 @@ def bench_data(data, data_root, batch_size=128):
 
     images = load_images(data, data_root, "train")  # decoded once (cached), like a training run
     loader = DeviceLoader(images, batch_size, "cpu", seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core for us, two worker processes for the DataLoader
     start = time.perf_counter()
     n_ours = sum(len(x) for x in loader.epoch(0))
     ours = time.perf_counter() - start
+    torch.set_num_threads(threads)
 
     if data == "cifar10":
         from torchvision.datasets import CIFAR10

@@ -79,7 +79,7 @@ def probability(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
     a("--epochs", type=positive_int, default=100, help="passes over the training images")
     a("--batch-size", type=positive_int, default=128, help="positives per step, summed over all processes")
@@ -247,6 +247,15 @@ class ReplayBuffer:
 # Training
 # ----------------------------------------------------------------------------------------------
 
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def autocast(args, device):
     return torch.autocast(device.type, torch.bfloat16, enabled=bool(args.amp) and device.type == "cuda")
 
@@ -384,8 +393,9 @@ def train(args, device, rank, world):
         if rank == 0:
             previews(net, energy, buffer, args, device, run_dir, epoch)  # before the save: it draws noise
             save_checkpoint(run_dir, net, optimizer, buffer, args, epoch, step, rollbacks)
-            print(f"epoch {epoch}/{args.epochs}: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items()) +
-                  f"  {time.perf_counter() - start:.0f} s")
+            print(f"epoch {epoch}/{args.epochs}: loss {means['loss']:.4f}  E+ {means['energy_pos']:.4f}  "
+                  f"E- {means['energy_neg']:.4f}  gap {means['gap']:.4f}  SGLD |grad| {means['sgld_grad_norm']:.4f}  "
+                  f"{time.perf_counter() - start:.0f} s")
         if world > 1:
             dist.barrier()
     if rank == 0:
@@ -423,6 +433,12 @@ def energies_of(net, x, args, device):
         return torch.cat([net(b.to(device)).float().cpu() for b in x.split(args.batch_size)])
 
 
+def test_subset(args, n):
+    """n test images drawn at random (image folders are sorted by class), as float (n, 3, 32, 32) in [0, 255]."""
+    test = common.load_images(args.data, args.data_root, "test")
+    return test[torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n]].float()
+
+
 def auroc(scores_in, scores_out):
     """P(score_in > score_out) + P(tie) / 2 over all pairs: the area under the ROC curve (Mann-Whitney U)."""
     ordered = scores_out.double().sort().values
@@ -443,26 +459,25 @@ def load_svhn(data_root, n):
     return torch.from_numpy(data[:n]).float() / 255
 
 
-def ood_sets(test, generator, svhn=None):
+def ood_sets(test, generator):
     """Out-of-distribution inputs as in IGEBM and JEM, each (N, 3, 32, 32) in [0, 1]."""
     n = len(test)
-    sets = {"uniform noise": torch.rand(n, 3, 32, 32, generator=generator),
+    return {"uniform noise": torch.rand(n, 3, 32, 32, generator=generator),
             "constant colour": torch.rand(n, 3, 1, 1, generator=generator).expand(n, 3, 32, 32),
             "heavy noise (sigma 0.3)": (test + 0.3 * torch.randn(test.shape, generator=generator)).clamp(0, 1),
             "shuffled pixels": torch.stack([x.flatten(1)[:, torch.randperm(1024, generator=generator)].view(3, 32, 32)
                                             for x in test])}
-    if svhn is not None:
-        sets["svhn"] = svhn
-    return sets
 
 
 def evaluate(net, ckpt, args, device, run_dir):
     svhn = load_svhn(args.data_root, args.n) if args.ood == "svhn" else None  # fail before the slow part
-    test = (common.load_images(args.data, args.data_root, "test")[: args.n] + 0.5) / 256  # dequantization bins' centres
+    test = (test_subset(args, args.n) + 0.5) / 256  # the centres of the dequantization bins
     samples = generate(net, ckpt, args, device, args.n)
     scores = common.generative_metrics(samples, args.data, args.data_root, args.fid_extractor, args.fid_weights,
                                        device)
-    sets = {"test images": test, "samples": samples, **ood_sets(test, torch.Generator().manual_seed(args.seed), svhn)}
+    sets = {"test images": test, "samples": samples, **ood_sets(test, torch.Generator().manual_seed(args.seed))}
+    if svhn is not None:
+        sets["svhn"] = svhn
     energy = {name: energies_of(net, x, args, device) for name, x in sets.items()}
     aurocs = {name: auroc(-energy["test images"], -e) for name, e in energy.items()
               if name not in ("test images", "samples")}  # score = -E(x): high means in-distribution
@@ -470,12 +485,7 @@ def evaluate(net, ckpt, args, device, run_dir):
               "energy": {k: {"mean": e.mean().item(), "std": e.std().item()} for k, e in energy.items()},
               "ood_auroc": aurocs}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, e in energy.items():
         ax.hist(e.numpy(), bins=40, alpha=0.5, density=True, label=name)
@@ -493,7 +503,7 @@ def evaluate(net, ckpt, args, device, run_dir):
 
 def inpaint(net, args, device, run_dir, completions=3):
     """Fill the centre 16x16 of test images by SGLD on the masked pixels only; the rest stays the data."""
-    test = common.load_images(args.data, args.data_root, "test")[: min(args.n, 10)].float().to(device) / 255
+    test = test_subset(args, min(args.n, 10)).to(device) / 255
     mask = torch.zeros(1, 1, 32, 32, device=device)
     mask[..., 8:24, 8:24] = 1  # 1 = unknown pixel
     torch.manual_seed(args.seed)
@@ -549,21 +559,19 @@ def toy(args):
     with torch.no_grad():
         energy = net(grid).view(n, n)
         data = common.toy_data(args.toy, 2000, torch.Generator().manual_seed(0))
-        e_data, e_noise = net(data).mean().item(), net(buffer.noise(2000, (2,), "cpu")).mean().item()
+        e_on_data = net(data)
+        e_data, e_noise = e_on_data.mean().item(), net(buffer.noise(2000, (2,), "cpu")).mean().item()
     density = torch.exp(-(energy - energy.min()))
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     axes[0].scatter(*data.T, s=2), axes[0].set_title(f"data: {args.toy}")
     axes[1].imshow(density.numpy(), extent=(-box, box, -box, box), origin="lower")
     axes[1].set_title("learned density exp(-E) (grid max = 1)")
-    # CD learns each mode's shape but barely its mass: persistent chains seldom cross between modes
-    axes[2].imshow((energy.min() - energy).clamp(min=-10).numpy(), extent=(-box, box, -box, box), origin="lower")
-    axes[2].set_title("log density -E (top 10 nats)")
+    # CD learns where the modes are but barely their masses: persistent chains seldom cross between modes,
+    # so exp(-E) can favour one mode by many nats while the samples still cover them all (Nijkamp et al. 2019)
+    log_density = (-energy).clamp(min=-e_on_data.max().item())
+    axes[2].imshow(log_density.numpy(), extent=(-box, box, -box, box), origin="lower")
+    axes[2].set_title("log density -E (down to the data's highest E)")
     axes[3].scatter(*buffer.samples[:2000].T, s=2, color="tab:orange")
     axes[3].set_title(f"SGLD samples (replay buffer, K={TOY['steps']})")
     for ax in axes:

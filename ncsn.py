@@ -101,6 +101,8 @@ def build_parser(preset="ncsnv2"):
     p.add_argument("--max-bad-steps", type=positive_int, default=20, help="stop after this many non-finite steps")
     p.add_argument("--test-images", type=positive_int, default=1000, help="test images for the per-epoch DSM loss")
     p.add_argument("--sample-batch", type=positive_int, default=1000, help="images per sampler batch")
+    p.add_argument("--preview-levels", type=positive_int, default=100,
+                   help="per-epoch preview grids use this many levels, one step each (cheaper than the sampler)")
     p.add_argument("--fid-extractor", default="inception-v3-compat", choices=["inception-v3-compat", "tiny-random"],
                    help="torch-fidelity feature extractor; tiny-random is an offline test net (not comparable)")
     p.add_argument("--fid-weights", metavar="FILE", help="Inception weights file, for machines with no network")
@@ -342,9 +344,11 @@ def build_net(args):
     return ScoreNet(args.width, mult, args.num_res_blocks, args.score_param)
 
 
-def sampler_settings(args, device):
-    return dict(sigmas=geometric_sigmas(args.sigma_max, args.sigma_min, args.num_scales).to(device),
-                steps=args.steps_per_level, eps=args.step_eps, denoise=args.denoise)
+def sampler_settings(args, device, preview=False):
+    """The paper's sampler, or for per-epoch previews a cheaper one: fewer levels, one step each."""
+    levels = min(args.preview_levels, args.num_scales) if preview else args.num_scales
+    return dict(sigmas=geometric_sigmas(args.sigma_max, args.sigma_min, levels).to(device),
+                steps=1 if preview else args.steps_per_level, eps=args.step_eps, denoise=args.denoise)
 
 
 def autocast(args, device):
@@ -352,14 +356,14 @@ def autocast(args, device):
 
 
 @torch.inference_mode()
-def sample(net, n, args, device, seed=0, record=()):
+def sample(net, n, args, device, seed=0, record=(), preview=False):
     """n samples (float, unclamped) from x_0 ~ U[0, 1]^D, in batches of --sample-batch."""
     g = torch.Generator(device=device).manual_seed(seed)
     out, snaps = [], []
     for i in range(0, n, args.sample_batch):
         x0 = torch.rand(min(args.sample_batch, n - i), 3, 32, 32, generator=g, device=device)
         with autocast(args, device):
-            x, s = annealed_langevin(net, x0, **sampler_settings(args, device), record=record, generator=g)
+            x, s = annealed_langevin(net, x0, **sampler_settings(args, device, preview), record=record, generator=g)
         out.append(x)
         snaps = snaps or s
     return torch.cat(out), snaps
@@ -468,7 +472,7 @@ def train(args):
         if rank == 0:
             seconds = time.perf_counter() - tick
             test = test_dsm_loss(ema, test_images, args, device)
-            preview, _ = sample(ema, 64, args, device, seed=preview_noise_seed)
+            preview, _ = sample(ema, 64, args, device, seed=preview_noise_seed, preview=True)
             common.save_grid(preview, Path(run_dir) / "samples" / f"epoch_{epoch + 1:04d}.png", nrow=8)
             log.log(step, epoch=epoch + 1, epoch_seconds=seconds, **test)
             save_checkpoint(run_dir, net, ema, opt, epoch + 1, step, args)

@@ -6,9 +6,11 @@ Scripts run as subprocesses on a tiny image folder the tests write themselves, w
 so the whole suite stays within minutes on two CPU cores.
 """
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,9 @@ import pytest
 import torch
 
 import common
+import ebm
+import ncsn
+import vae
 
 ROOT = Path(__file__).resolve().parent
 REAL_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
@@ -48,6 +53,16 @@ def write_images(folder, n, size=(32, 32), mode="RGB", ext="png", seed=0):
         colour, background = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
         pixels = (255 * (blob * colour + (1 - blob) * background)).astype(np.uint8)
         Image.fromarray(pixels, "RGB").convert(mode).save(folder / f"{i:04d}.{ext}")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process tests use one thread, like the subprocesses (OMP_NUM_THREADS=1): on a busy machine two
+    spin-waiting threads per process can make a tiny convolution many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -266,7 +281,6 @@ def test_explore_on_real_cifar10_copy(tmp_path):
 # ncsn.py
 # ------------------------------------------------------------------------------------------------
 
-import ncsn  # noqa: E402
 
 NCSN_TINY = ["--width", "8", "--channel-mult", "1,2", "--num-res-blocks", "1", "--num-scales", "10",
              "--steps-per-level", "1", "--batch-size", "16", "--log-every", "2", "--test-images", "16"]
@@ -449,3 +463,447 @@ def test_ncsn_learns_real_cifar10(tmp_path):
     rows = common.read_metrics(next(tmp_path.glob("ncsn__*")))
     dsm = [r["test_dsm"] for r in rows if "test_dsm" in r]  # before training, then after each epoch
     assert len(dsm) == 4 and dsm[-1] < 0.8 * dsm[0]
+
+# ------------------------------------------------------------------------------------------------
+# vae.py
+# ------------------------------------------------------------------------------------------------
+
+VAE_TINY = ("--width", 8, "--blocks", 1, "--latent-channels", 4, "--mixtures", 3, "--batch-size", 16, "--log-every", 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# vae.py: math with known answers
+# ------------------------------------------------------------------------------------------------
+
+def pinned_params(m, pinned, generator):
+    """Random mixture parameters (1, 10m, 1, 1) whose channel `pinned` is certain to be -1 or +1."""
+    params = torch.randn(1, 10 * m, 1, 1, generator=generator, dtype=torch.float64)
+    means, log_scales, coeffs = (params[0, m + i * 3 * m:m + (i + 1) * 3 * m].view(3, m) for i in range(3))
+    means *= 1.5  # some means beyond [-1, 1]: the open edge bins must catch their mass
+    means[0, 0], log_scales[0, 0] = 1.3, -9.0  # past the top edge, smallest scale (clamped to e^-7)
+    means[pinned] = 5.0 if pinned == 2 else -5.0
+    log_scales[pinned] = -9.0
+    coeffs[1:] = 0.0 if pinned == 2 else coeffs[1:]  # a pinned B ignores R and G
+    return params
+
+
+@pytest.mark.parametrize("pinned", [2, 0])
+def test_discretized_likelihood_sums_to_one_over_all_256_values_including_edges(pinned):
+    """The joint P(R, G, B) with the R -> G -> B coupling sums to 1 over all 256 x 256 x 256 values.
+
+    One channel is made certain (all its mass on value 0 or 255), so the sum over the other two channels'
+    256 x 256 values is the whole sum: pinned B checks R and G -> R; pinned R checks G and B -> R, G.
+    """
+    g = torch.Generator().manual_seed(pinned)
+    m = 3
+    params = pinned_params(m, pinned, g)
+    values = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # the 256 values on [-1, 1]
+    first, second = torch.meshgrid(values, values, indexing="ij")  # (256, 256): one pixel per pair
+    fixed = torch.full_like(first, 1.0 if pinned == 2 else -1.0)
+    x = torch.stack([first, second, fixed] if pinned == 2 else [fixed, first, second])[None]  # (1, 3, 256, 256)
+    probs = vae.discretized_logistic_mixture_logp(x, params.expand(1, -1, 256, 256), m).exp()
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-9)
+    assert probs[0, -1].sum() > 0.01 and probs[0, 0].sum() > 1e-4  # the edge rows carry real mass
+
+
+def test_uniform_decoder_gives_exactly_8_bits_per_dim(monkeypatch):
+    net = vae.VAE(width=8, blocks=1, latent_channels=4, mixtures=2)
+    torch.nn.init.zeros_(net.encoder[-1].weight)  # q(z|x) = N(0, I) = p(z): KL exactly 0
+    torch.nn.init.zeros_(net.encoder[-1].bias)
+    uniform = lambda x, params, m: torch.full((len(x), 32, 32), -3 * math.log(256), dtype=torch.float64)  # noqa: E731
+    monkeypatch.setattr(vae, "discretized_logistic_mixture_logp", uniform)
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    result = vae.evaluate(net, images, 4, torch.device("cpu"), amp=False)
+    assert result["test_bpd"] == pytest.approx(8.0, abs=1e-12)
+    assert result["test_distortion_bpd"] == pytest.approx(8.0, abs=1e-12) and result["test_rate_bpd"] == 0
+    assert result["active_units"] == 0  # every posterior mean is 0: no unit is active
+    bpd, distortion, rate = vae.elbo_bits_per_dim(torch.tensor([-3072 * math.log(2)]), torch.tensor([[3072 * 0.5]]))
+    assert (distortion, rate) == pytest.approx((1.0, 0.5 / math.log(2))) and bpd == pytest.approx(distortion + rate)
+
+
+def test_analytic_kl_matches_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    z = mu + (0.5 * logvar).exp() * torch.randn(400_000, 6, generator=g, dtype=torch.float64)
+    monte_carlo = (vae.log_normal(z, mu, logvar) - vae.log_normal(z, 0 * z, 0 * z)).mean(0)  # E_q[log q - log p]
+    assert torch.allclose(monte_carlo, vae.gaussian_kl(mu, logvar), atol=0.02, rtol=0.02)
+    assert vae.gaussian_kl(torch.zeros(3), torch.zeros(3)).abs().max() == 0  # q = p
+
+
+def test_iwae_bound_k1_is_the_elbo_in_expectation_and_k8_is_at_least_the_elbo():
+    torch.manual_seed(0)
+    net = vae.VAE(width=8, blocks=1, latent_channels=4, mixtures=2).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8).float() / 127.5 - 1
+    n = 128
+    x = images.repeat_interleave(n, 0)  # (2n, 3, 32, 32): n draws per image
+    with torch.no_grad():
+        log_px_z, kl = net(x)
+        elbo = (log_px_z - kl.sum(1)).view(2, n)  # analytic KL, one z per draw
+        g = torch.Generator().manual_seed(1)
+        iwae_1 = vae.iwae_logp(net, x, 1, g).view(2, n)  # Monte Carlo KL, one z per draw
+        iwae_8 = vae.iwae_logp(net, x[::4], 8, g).view(2, n // 4)  # 8 z per draw, a quarter of the draws
+    se = ((elbo.var(1) + iwae_1.var(1)) / n).sqrt()
+    assert ((elbo.mean(1) - iwae_1.mean(1)).abs() < 4 * se).all()
+    assert (iwae_8.mean(1) > elbo.mean(1)).all()  # a tighter bound on log p(x)
+
+
+def test_free_bits_stop_the_gradient_of_a_small_kl_only():
+    kl = torch.tensor([[0.5, 5.0], [1.5, 7.0]], requires_grad=True)  # (B, C): channel 0 averages 1.0 nats
+    loss = vae.training_loss(torch.zeros(2), kl, beta=1.0, free_nats=2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx((2.0 + 6.0) / 3072)  # max(2, 1) + max(2, 6)
+    assert kl.grad[:, 0].abs().sum() == 0 and (kl.grad[:, 1] > 0).all()
+
+
+def test_updates_with_non_finite_or_outlying_gradients_are_skipped():
+    torch.manual_seed(0)
+    net = vae.VAE(width=8, blocks=1, latent_channels=4, mixtures=2)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    args = vae.build_parser().parse_args(["--free-bits", "0", "--device", "cpu"])
+    x, state = torch.rand(4, 3, 32, 32), {}
+    before = [p.detach().clone() for p in net.parameters()]
+    *_, skipped = vae.train_step(net, optimizer, x.clone().fill_(float("nan")), 1.0, args, state, torch.device("cpu"))
+    assert skipped and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # a NaN batch: no update
+    *_, norm, skipped = vae.train_step(net, optimizer, x, 1.0, args, state, torch.device("cpu"))
+    assert not skipped and state["grad_norm_avg"] == norm  # the first finite step sets the running average
+    state["grad_norm_avg"] = norm / 100  # the next gradient looks 100x above normal
+    before = [p.detach().clone() for p in net.parameters()]
+    *_, skipped = vae.train_step(net, optimizer, x, 1.0, args, state, torch.device("cpu"))
+    assert skipped and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------
+# vae.py: the script end to end on a tiny image folder
+# ------------------------------------------------------------------------------------------------
+
+def vae_only_run(folder):
+    runs = list(folder.glob("vae__*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def folder_digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_images, tmp_path_factory):
+    """2 epochs in one go, and 1 epoch + --resume to 2: (uninterrupted run, resumed run, data root)."""
+    tmp = tmp_path_factory.mktemp("vae")
+    common_args = ("--data", tiny_images, "--data-root", tmp / "data", *VAE_TINY)
+    run_script("vae.py", *common_args, "--epochs", 2, "--run-dir", tmp / "a")
+    run_script("vae.py", *common_args, "--epochs", 1, "--run-dir", tmp / "b")
+    resumed = vae_only_run(tmp / "b")
+    out = run_script("vae.py", "--resume", resumed, "--epochs", 2)
+    assert "epoch 2: test" in out.stdout
+    return vae_only_run(tmp / "a"), resumed, tmp / "data"
+
+
+def test_train_writes_the_run_folder_and_logs_bits_per_dim(trained):
+    run, _, _ = trained
+    for name in ("config.json", "checkpoint.pt", "metrics.jsonl", "summary.json", "metrics.png",
+                 "samples/epoch_0002.png", "samples/epoch_0002_t0.7.png", "reconstructions/epoch_0002.png"):
+        assert (run / name).exists(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if "test_bpd" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]  # epoch 0: the model at initialisation
+    for r in epochs:
+        assert r["test_bpd"] == pytest.approx(r["test_distortion_bpd"] + r["test_rate_bpd"])
+        assert 0 < r["test_bpd"] < 12 and 0 <= r["active_units"] <= r["latent_dims"] == 4 * 8 * 8
+    assert any("train_bpd" in r and "grad_norm" in r for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 2 and "final_test_bpd_without_ema" in summary
+
+
+def test_resume_equals_uninterrupted_bit_for_bit(trained):
+    run, resumed, _ = trained
+    a, b = (torch.load(r / "checkpoint.pt", weights_only=True) for r in (run, resumed))
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    for key in ("net", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
+               for i in a["optimizer"]["state"])
+
+
+def test_sample_interpolate_eval_and_bench(trained, tmp_path, capsys):
+    run, _, data_root = trained  # the commands run in-process through main(argv): no interpreter start-up
+    vae.main(["--sample", str(run), "--n", "16", "--temperature", "0.7"])
+    samples = np.load(run / "samples_t0.7.npz")["samples"]
+    assert samples.shape == (16, 32, 32, 3) and samples.dtype == np.uint8 and (run / "samples_t0.7.png").exists()
+    vae.main(["--interpolate", str(run)])
+    assert (run / "interpolations.png").read_bytes()[:4] == b"\x89PNG"
+    vae.main(["--eval", str(run), "--n", "16", "--iw-samples", "4", "--fid-extractor", "tiny-random"])
+    result = json.loads((run / "eval.json").read_text())
+    assert result["n_samples"] == 16 and result["n_test"] == 16 and result["iw_samples"] == 4
+    assert result["test_iwae_bpd"] <= result["test_bpd"] + 0.01 and math.isfinite(result["fid"])
+    assert "IWAE" in capsys.readouterr().out
+    vae.main(["--bench", "--bench-steps", "2", "--run-dir", str(tmp_path), *map(str, VAE_TINY)])
+    bench = json.loads(next(tmp_path.glob("vae__bench__*/bench.json")).read_text())
+    assert bench["train_images_per_s"] > 0 and bench["params"] > 0 and bench["projected_hours_200_epochs_50k"] > 0
+
+
+def assert_clean_failure(proc, text):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("vae.py: error:") and text in lines[0], proc.stderr
+
+
+def fails_in_process(argv, text):
+    """common.run_main as the script runs it: SystemExit with one line, the one the user would see."""
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(vae.main, [str(a) for a in argv])
+    message = str(exit_info.value.code)
+    assert message.count("\n") == 0 and ": error: " in message and text in message, message
+
+
+def test_vae_bad_inputs_fail_with_one_clear_line_and_leave_runs_intact(trained, tiny_images, tmp_path):
+    run, _, data_root = trained
+    fresh = ("--data", tiny_images, "--data-root", data_root, "--run-dir", tmp_path / "runs", *VAE_TINY)
+    assert_clean_failure(run_script("vae.py", *fresh, "--epochs", 0, check=False), "--epochs")  # the real stderr
+    fails_in_process([*fresh, "--batch-size", -1], "--batch-size")
+    fails_in_process([*fresh, "--data", tmp_path / "nope"], "no such folder")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())  # no run folder made
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    before = folder_digest(copy)
+    fails_in_process(["--resume", copy, "--epochs", 3, "--width", 16], "another architecture or width")
+    ckpt = copy / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a save cut off halfway
+    before["checkpoint.pt"] = folder_digest(copy)["checkpoint.pt"]
+    assert_clean_failure(run_script("vae.py", "--resume", copy, "--epochs", 3, check=False), "corrupt or truncated")
+    fails_in_process(["--sample", copy], "corrupt or truncated")
+    assert folder_digest(copy) == before  # nothing was written into the run folder
+
+
+def test_vae_two_process_torchrun(tiny_images, tmp_path):
+    out = run_script("vae.py", "--data", tiny_images, "--data-root", tmp_path / "data", "--run-dir", tmp_path,
+                     *VAE_TINY, "--epochs", 1, torchrun=True)
+    run = vae_only_run(tmp_path)  # rank 0 alone made a folder and saved
+    assert (run / "checkpoint.pt").exists() and out.stdout.count("epoch 1: test") == 1
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["epoch"] == 1 and math.isfinite(rows[-1]["test_bpd"])
+
+
+@pytest.mark.skipif(not REAL_DATA.exists(), reason="the shared CIFAR-10 JPEG copy is not on this machine")
+def test_real_cifar10_copy_bits_per_dim_fall_below_init_and_8(tmp_path):
+    run_script("vae.py", "--data", REAL_DATA, "--data-root", ROOT / "data", "--run-dir", tmp_path, *VAE_TINY,
+               "--limit-train", 1024, "--limit-test", 256, "--batch-size", 32, "--epochs", 1, "--lr", 2e-3,
+               "--warmup-steps", 5, "--kl-warmup", 0)
+    rows = [json.loads(line) for line in (vae_only_run(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    at_init, final = (r["test_bpd"] for r in rows if "test_bpd" in r)
+    assert final < at_init and final < 8
+
+
+# ------------------------------------------------------------------------------------------------
+# ebm.py
+# ------------------------------------------------------------------------------------------------
+
+EBM_TINY = ["--width", "8", "--sgld-steps", "3", "--buffer-size", "200", "--batch-size", "16", "--device", "cpu"]
+
+
+def tiny_args(tiny_images, tmp_path, *extra):
+    return ["--data", str(tiny_images), "--data-root", str(tmp_path / "data"), "--run-dir", str(tmp_path / "runs"),
+            *EBM_TINY, *map(str, extra)]
+
+
+def ebm_only_run(folder):
+    runs = sorted(p for p in folder.iterdir() if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Math with known answers
+# ------------------------------------------------------------------------------------------------
+
+def test_sgld_in_langevin_proportion_samples_the_gaussian_of_a_quadratic_energy():
+    torch.manual_seed(0)
+    mu, s = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.5
+
+    def energy(x):  # E(x) = ||x - mu||^2 / (2 s^2): exp(-E) is N(mu, s^2 I)
+        return ((x - mu) ** 2).sum(1) / (2 * s**2)
+
+    eps = 0.02 * s**2  # small against s^2: the discretisation inflates the variance by only 1 / (1 - eps / 4s^2)
+    x0 = 3 * torch.randn(10000, 2, dtype=torch.float64)
+    x, _, _ = ebm.sgld(energy, x0, 1000, eps / 2, math.sqrt(eps), grad_clip=None, bounds=None)
+    assert torch.allclose(x.mean(0), mu, atol=0.02)
+    assert torch.allclose(x.var(0), torch.full((2,), s**2, dtype=torch.float64), rtol=0.05)
+
+
+def test_replay_buffer_size_restarts_range_and_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    buffer = ebm.ReplayBuffer(500, (3, 32, 32), "cpu", restart_rate=0.05)
+    assert buffer.samples.shape == (500, 3, 32, 32) and 0 <= buffer.samples.min() and buffer.samples.max() <= 1
+    buffer.samples.fill_(0.5)  # a marker: anything else in a sampled row is a restart from U(0, 1)
+    restarted = 0
+    for _ in range(20):
+        x, idx = buffer.sample(500)
+        assert x.shape == (500, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+        restarted += int((x != 0.5).flatten(1).any(1).sum())
+        buffer.push(x.clamp(0, 1) * 0 + 0.5, idx)
+    n = 20 * 500  # binomial(10000, 0.05): std 22, so +-5 std is 0.039 ... 0.061
+    assert abs(restarted / n - 0.05) < 5 * math.sqrt(0.05 * 0.95 / n)
+    assert len(buffer.samples) == 500
+    x, idx = buffer.sample(64)
+    buffer.push(torch.rand(64, 3, 32, 32), idx)
+    common.atomic_save({"model": "ebm", "buffer": buffer.samples}, tmp_path / "c.pt")
+    assert torch.equal(common.load_checkpoint(tmp_path / "c.pt", "ebm")["buffer"], buffer.samples)
+
+
+def test_a_gradient_step_on_the_loss_lowers_data_energy_relative_to_negatives():
+    torch.manual_seed(0)
+    net = ebm.EnergyNet(width=8)
+    x_pos, x_neg = torch.rand(16, 3, 32, 32) * 0.2 + 0.4, torch.rand(16, 3, 32, 32)
+
+    def gap():  # E(x+) - E(x-): the loss wants it low
+        with torch.no_grad():
+            net.eval()
+            return (net(x_pos).mean() - net(x_neg).mean()).item()
+
+    before = gap()
+    net.train()
+    loss = ebm.contrastive_divergence_loss(net(x_pos), net(x_neg), alpha=0.0)
+    loss.backward()
+    torch.optim.SGD(net.parameters(), lr=0.05).step()
+    assert gap() < before
+    # and the penalty pulls energies towards zero: its gradient on E is 2 alpha E
+    e = torch.tensor([3.0, -2.0], requires_grad=True)
+    ebm.contrastive_divergence_loss(e[:1], e[1:], alpha=1.0).backward()
+    assert e.grad.tolist() == [1 + 2 * 3.0, -1 + 2 * -2.0]
+
+
+def test_toy_energy_is_lower_at_the_modes_than_between_them():
+    net, buffer = ebm.train_toy("8gaussians", iterations=1000, seed=0)
+    angle = torch.arange(8) * math.pi / 4
+    modes = 2 * torch.stack([angle.cos(), angle.sin()], 1)  # the 8 centres, on the circle of radius 2
+    between = 2 * torch.stack([(angle + math.pi / 8).cos(), (angle + math.pi / 8).sin()], 1)  # between k and k + 1
+    with torch.no_grad():
+        e_modes, e_between, e_centre = net(modes), net(between), net(torch.zeros(1, 2))
+    # every mode is a local minimum along the circle (CD learns shapes; the modes' relative masses it learns
+    # poorly, because persistent chains seldom cross between modes), and the centre of the ring is high
+    assert (e_modes < e_between).all() and (e_modes < e_between.roll(1)).all()
+    assert (e_modes < e_centre).all()
+    assert buffer.samples.abs().max() <= ebm.TOY["box"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: the divergence guard and exact resume (in-process: fast, and main() is the whole program)
+# ------------------------------------------------------------------------------------------------
+
+def test_divergence_rolls_back_to_the_last_good_checkpoint_with_a_lower_lr(tiny_images, tmp_path, capsys):
+    run = ebm.main(tiny_args(tiny_images, tmp_path, "--epochs", "2", "--log-every", "1", "--inject-nan-at", "6"))
+    rows = common.read_metrics(run)
+    rollback = [r for r in rows if "rollback" in r]
+    assert len(rollback) == 1 and rollback[0]["lr"] == pytest.approx(0.5e-4) and rollback[0]["step"] == 4
+    assert "rolled back" in capsys.readouterr().err
+    assert rows[-1]["step"] == 8 and rows[-1]["lr"] == pytest.approx(0.5e-4)  # the run continued to the end
+    ckpt = common.load_checkpoint(run, "ebm")
+    assert ckpt["epoch"] == 2 and ckpt["rollbacks"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["net"].values()) and torch.isfinite(ckpt["buffer"]).all()
+    assert json.loads((run / "summary.json").read_text())["rollbacks"] == 1
+    with pytest.raises(common.UserError, match="diverged.*last good checkpoint"):
+        ebm.main(tiny_args(tiny_images, tmp_path, "--epochs", "1", "--inject-nan-at", "2", "--max-rollbacks", "0"))
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_images, tmp_path):
+    full = ebm.main(tiny_args(tiny_images, tmp_path / "a", "--epochs", "2"))
+    half = ebm.main(tiny_args(tiny_images, tmp_path / "b", "--epochs", "1"))
+    assert ebm.main(["--resume", str(half), "--epochs", "2"]) == half
+    a, b = common.load_checkpoint(full, "ebm"), common.load_checkpoint(half, "ebm")
+    assert a["step"] == b["step"] == 8 and a["epoch"] == b["epoch"] == 2
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    assert torch.equal(a["buffer"], b["buffer"])
+    for name in ("epoch_0002.png", "buffer_0002.png", "chain_0002.png"):
+        assert (half / "samples" / name).exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end through the command line
+# ------------------------------------------------------------------------------------------------
+
+def test_train_sample_inpaint_eval_bench_end_to_end(tiny_images, tmp_path):
+    out = run_script("ebm.py", *tiny_args(tiny_images, tmp_path, "--epochs", "1"))
+    run = ebm_only_run(tmp_path / "runs")
+    assert "epoch 1/1" in out.stdout and "E+" in out.stdout
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", "samples/epoch_0001.png"):
+        assert (run / name).exists()
+    rows = common.read_metrics(run)
+    assert {"energy_pos", "energy_neg", "gap", "sgld_grad_norm", "lr"} <= set(rows[-1])
+
+    run_script("ebm.py", "--sample", run, "--n", 12, "--steps", 2)
+    samples = __import__("numpy").load(run / "samples.npz")["samples"]
+    assert samples.shape == (12, 32, 32, 3) and samples.dtype == "uint8" and (run / "samples.png").exists()
+    run_script("ebm.py", "--inpaint", run, "--n", 4, "--steps", 2)
+    assert (run / "inpaint.png").read_bytes()[:4] == b"\x89PNG"
+    out = run_script("ebm.py", "--eval", run, "--n", 16, "--steps", 2, "--fid-extractor", "tiny-random")
+    result = json.loads((run / "eval.json").read_text())
+    assert result["n_samples"] == 16 and math.isfinite(result["fid"]) and "AUROC" in out.stdout
+    assert set(result["ood_auroc"]) == {"uniform noise", "constant colour", "heavy noise (sigma 0.3)",
+                                        "shuffled pixels"}
+    assert all(0 <= v <= 1 for v in result["ood_auroc"].values()) and (run / "eval_energies.png").exists()
+    run_script("ebm.py", "--bench", "--resume", run, "--batch-size", 4)
+    bench = json.loads((run / "bench.json").read_text())
+    assert bench["train_images_per_s"] > 0 and bench["params"] > 0 and bench["projected_hours_200_epochs_cifar10"] > 0
+
+
+def test_toy_command_writes_its_figure(tmp_path, monkeypatch):
+    monkeypatch.setitem(ebm.TOY, "iterations", 30)
+    run = ebm.main(["--toy", "rings", "--run-dir", str(tmp_path)])
+    assert (run / "toy.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((run / "toy.json").read_text())["data"] == "rings"
+
+
+def test_ebm_bad_inputs_fail_with_one_clear_line_and_leave_runs_intact(tiny_images, tmp_path, monkeypatch):
+    good = ebm.main(tiny_args(tiny_images, tmp_path, "--epochs", "1"))
+    before = (good / "checkpoint.pt").read_bytes()
+    vae = tmp_path / "vae_run"
+    vae.mkdir()
+    (vae / "config.json").write_text((good / "config.json").read_text())
+    common.atomic_save({"model": "vae", "net": {}}, vae / "checkpoint.pt")
+    cut = tmp_path / "cut_run"
+    cut.mkdir()
+    (cut / "config.json").write_text((good / "config.json").read_text())
+    (cut / "checkpoint.pt").write_bytes(before[:1000])
+    cases = [  # (arguments, what stderr must say)
+        (tiny_args(tiny_images, tmp_path, "--epochs", "0"), "positive integer"),
+        (tiny_args(tiny_images, tmp_path, "--restart-rate", "1.5"), "between 0 and 1"),
+        (tiny_args(tmp_path / "nope", tmp_path), "no such folder"),
+        (["--resume", cut], "corrupt or truncated"),
+        (["--sample", vae], "not of ebm"),
+        (["--eval", good, "--width", "16", "--fid-extractor", "tiny-random"], "another architecture or width"),
+        (["--sample", tmp_path / "missing"], "not a run folder"),
+    ]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "ebm.py"), *map(str, a)], env=ENV, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for a, _ in cases]
+    for (a, message), proc in zip(cases, procs):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and message in err and "Traceback" not in err, (a, err)
+    assert (good / "checkpoint.pt").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [good.name]  # no half-made run folders
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr("torchvision.datasets.SVHN", offline)
+    with pytest.raises(common.UserError, match="--ood svhn: SVHN is not in .* put test_32x32.mat"):
+        ebm.main(["--eval", str(good), "--ood", "svhn", "--fid-extractor", "tiny-random"])
+    assert not (good / "eval.json").exists()
+
+
+def test_ebm_two_process_torchrun(tiny_images, tmp_path):
+    out = run_script("ebm.py", *tiny_args(tiny_images, tmp_path, "--epochs", "1"), torchrun=True)
+    run = ebm_only_run(tmp_path / "runs")
+    assert "2 process(es)" in out.stdout and common.load_checkpoint(run, "ebm")["step"] == 4  # 64 / 16 per step
+
+
+@pytest.mark.skipif(not REAL_DATA.exists(), reason="the shared CIFAR-10 JPEG copy is not on this machine")
+def test_short_run_on_real_cifar10_stays_finite_and_separates_data_from_negatives(tmp_path):
+    run_script("ebm.py", "--data", REAL_DATA, "--data-root", ROOT / "data", "--run-dir", tmp_path, "--width", "8",
+               "--sgld-steps", "5", "--batch-size", "32", "--limit-train", "320", "--epochs", "2", "--lr", "1e-3",
+               "--device", "cpu", "--log-every", "5")
+    summary = json.loads((ebm_only_run(tmp_path) / "summary.json").read_text())
+    e_pos, e_neg = summary["last_epoch_energy_pos"], summary["last_epoch_energy_neg"]
+    assert summary["rollbacks"] == 0 and math.isfinite(e_pos) and math.isfinite(e_neg)
+    assert e_pos < e_neg  # data likelier than the model's own samples
