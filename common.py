@@ -709,6 +709,69 @@ def bench_data(data, data_root, batch_size=128):
     return ratio
 
 
+def _run_row(run_dir):
+    """One row of the comparison table from what a run folder holds; None where it holds nothing."""
+    run_dir = Path(run_dir)
+    read = lambda name: json.loads((run_dir / name).read_text()) if (run_dir / name).exists() else {}  # noqa: E731
+    rows, evaluation, bench = read_metrics(run_dir), read("eval.json"), read("bench.json")
+    last = lambda key: next((r[key] for r in reversed(rows) if key in r), None)  # noqa: E731
+    speeds = sorted(r["img_per_s"] for r in rows if "img_per_s" in r)
+    epoch_seconds = [r["epoch_seconds"] for r in rows if "epoch_seconds" in r]
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True) \
+        if (run_dir / "checkpoint.pt").exists() else {}
+    params = sum(v.numel() for v in ckpt["net"].values()) if "net" in ckpt else bench.get("parameters")
+    return {"run": run_dir.name, "model": run_dir.name.split("__")[0], "parameters": params,
+            "img_per_s": speeds[len(speeds) // 2] if speeds else bench.get("train_images_per_s"),
+            "epoch_seconds": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else None,
+            "epochs": ckpt.get("epoch"),
+            "bits_per_dim": evaluation.get("test_iwae_bpd") or evaluation.get("test_bpd") or last("test_bpd"),
+            "fid": evaluation.get("fid"), "is": evaluation.get("is_mean"), "kid": evaluation.get("kid_mean"),
+            "n": evaluation.get("n_samples"), "extractor": evaluation.get("extractor"),
+            "sampling_s_per_1000": evaluation.get("sampling_seconds_per_1000"),
+            "nfe_per_sample": evaluation.get("nfe_per_sample") or bench.get("nfe_per_sample")}
+
+
+def compare(run_dirs, out_dir="runs"):
+    """runs/compare.md (a table; missing numbers shown as missing) and runs/compare.png (samples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for run in run_dirs:
+        if not (Path(run) / "config.json").exists():
+            raise UserError(f"{run} is not a run folder (no config.json)")
+    rows = [_run_row(run) for run in run_dirs]
+    columns = [("model", "model", "{}"), ("run", "run", "{}"), ("parameters", "parameters", "{:,}"),
+               ("img_per_s", "train img/s", "{:.1f}"), ("epoch_seconds", "s / epoch", "{:.0f}"),
+               ("epochs", "epochs", "{}"), ("bits_per_dim", "test bits/dim", "{:.3f}"), ("fid", "FID", "{:.2f}"),
+               ("is", "IS", "{:.2f}"), ("kid", "KID", "{:.4f}"), ("n", "N", "{:,}"), ("extractor", "features", "{}"),
+               ("sampling_s_per_1000", "sampling s / 1000", "{:.1f}"), ("nfe_per_sample", "NFE / sample", "{:,}")]
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = ["—" if row[key] is None else fmt.format(row[key]) for key, _, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = ("\n\n— : not measured for this run (never invented). FID / IS / KID depend on N and on the feature "
+            "extractor; 'tiny-random' scores are offline test numbers, not comparable with papers.\n")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.md").write_text("\n".join(lines) + note)
+    grids = [(row["run"], sorted(Path(run).glob("samples/epoch_*.png"))[-1:] or sorted(Path(run).glob("samples*.png")))
+             for run, row in zip(run_dirs, rows)]
+    fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 4.4), squeeze=False)
+    for ax, (name, files) in zip(axes[0], grids):
+        if files:
+            ax.imshow(plt.imread(files[0]))
+        ax.set_title(name.replace("__", "\n", 1), fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_dir / "compare.png", dpi=100)
+    plt.close(fig)
+    print("\n".join(lines))
+    print(f"wrote {out_dir}/compare.md and {out_dir}/compare.png")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -721,8 +784,13 @@ def main(argv=None):
             p.add_argument("--out", default="runs/data_exploration", help="output folder")
         else:
             p.add_argument("--batch-size", type=positive_int, default=128, help="images per batch")
+    p = sub.add_parser("compare", help="one table (runs/compare.md) and one figure for several run folders")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default="runs", help="where compare.md and compare.png go")
     args = parser.parse_args(argv)
-    if args.command == "explore":
+    if args.command == "compare":
+        compare(args.runs, args.out)
+    elif args.command == "explore":
         explore(args.data, args.data_root, args.out)
     elif args.command == "bench-data":
         bench_data(args.data, args.data_root, args.batch_size)

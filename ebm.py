@@ -351,6 +351,7 @@ def train(args, device, rank, world):
         totals, bad = torch.zeros(4, device=device), torch.zeros((), dtype=torch.bool, device=device)
         bar = tqdm(loader.epoch(epoch), total=len(loader), disable=rank != 0, leave=False, desc=f"epoch {epoch + 1}")
         tick, tick_step, diverged = time.perf_counter(), step, False
+        epoch_start = tick
         for i, x in enumerate(bar):
             stats, step_bad = train_step(model, energy, net, optimizer, buffer, x, args, device, step + 1 == inject_at)
             inject_at = None if step + 1 == inject_at else inject_at  # inject once, not again after the rollback
@@ -391,6 +392,7 @@ def train(args, device, rank, world):
         means = dict(zip(("loss", "energy_pos", "energy_neg", "sgld_grad_norm"), (totals / len(loader)).tolist()))
         means["gap"] = means["energy_neg"] - means["energy_pos"]  # E(x-) - E(x+): positive once data is likelier
         if rank == 0:
+            log.log(step, epoch=epoch, epoch_seconds=time.perf_counter() - epoch_start, **means)
             previews(net, energy, buffer, args, device, run_dir, epoch)  # before the save: it draws noise
             save_checkpoint(run_dir, net, optimizer, buffer, args, epoch, step, rollbacks)
             print(f"epoch {epoch}/{args.epochs}: loss {means['loss']:.4f}  E+ {means['energy_pos']:.4f}  "
@@ -472,7 +474,9 @@ def ood_sets(test, generator):
 def evaluate(net, ckpt, args, device, run_dir):
     svhn = load_svhn(args.data_root, args.n) if args.ood == "svhn" else None  # fail before the slow part
     test = (test_subset(args, args.n) + 0.5) / 256  # the centres of the dequantization bins
+    start = time.perf_counter()
     samples = generate(net, ckpt, args, device, args.n)
+    sampling_seconds_per_1000 = 1000 * (time.perf_counter() - start) / args.n
     scores = common.generative_metrics(samples, args.data, args.data_root, args.fid_extractor, args.fid_weights,
                                        device)
     sets = {"test images": test, "samples": samples, **ood_sets(test, torch.Generator().manual_seed(args.seed))}
@@ -482,6 +486,7 @@ def evaluate(net, ckpt, args, device, run_dir):
     aurocs = {name: auroc(-energy["test images"], -e) for name, e in energy.items()
               if name not in ("test images", "samples")}  # score = -E(x): high means in-distribution
     result = {**scores, "steps": args.steps, "chains": args.chains, "n_test": len(test),
+              "sampling_seconds_per_1000": sampling_seconds_per_1000, "nfe_per_sample": args.steps,
               "energy": {k: {"mean": e.mean().item(), "std": e.std().item()} for k, e in energy.items()},
               "ood_auroc": aurocs}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
@@ -609,10 +614,10 @@ def bench(args, device, warmup=1, timed=3):
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
               "width": args.width, "batch_size": args.batch_size, "sgld_steps": args.sgld_steps,
-              "params": sum(p.numel() for p in net.parameters()),
+              "parameters": sum(p.numel() for p in net.parameters()),
               "train_step_s": step_s, "train_images_per_s": args.batch_size / step_s,
               "sample_images_per_s": args.batch_size / sample_s, "peak_memory_gib": peak / 2**30,
-              "projected_hours_200_epochs_cifar10": 200 * 50000 / (args.batch_size / step_s) / 3600,
+              "projected_hours_200_epochs": 200 * 50000 / (args.batch_size / step_s) / 3600,
               "amp": bool(args.amp) and cuda, "compile": args.compile}
     run_dir = Path(args.resume) if args.resume else Path(args.run_dir) / f"ebm__bench__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)

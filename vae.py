@@ -458,10 +458,10 @@ def train(args):
                 bar.set_postfix(loss=f"{loss.item():.4f}", bpd=f"{bpd:.3f}", img_s=f"{images_per_s:.0f}")
                 log.log(step, epoch=epoch, loss=loss, train_bpd=bpd, train_distortion_bpd=distortion,
                         train_rate_bpd=rate, beta=beta, lr=learning_rate(step, args), grad_norm=grad_norm,
-                        skipped_steps=state["skipped_steps"], images_per_s=images_per_s)
+                        skipped_steps=state["skipped_steps"], img_per_s=images_per_s)
         if rank == 0:
             metrics = evaluate(eval_net, test_images, args.batch_size, device, args.amp)
-            log.log(step, epoch=epoch, epoch_time_s=time.time() - tick, **metrics)
+            log.log(step, epoch=epoch, epoch_seconds=time.time() - tick, **metrics)
             write_previews(run_dir, eval_net, test_images, epoch, args, device)
             save_checkpoint(run_dir, net, ema_net, optimizer, epoch, step, state, args)  # after all RNG use
             print(f"epoch {epoch}: test {metrics['test_bpd']:.4f} bits/dim (distortion "
@@ -519,7 +519,10 @@ def eval_command(args):
     batch = max(1, args.batch_size // 4)  # each image is decoded in chunks of 25 latent samples
     result = evaluate(net, test_images, batch, device, args.amp, iw_samples=args.iw_samples)
     result["n_test"] = len(test_images)
+    start = time.perf_counter()
     images = draw_samples(net, args, device)
+    result["sampling_seconds_per_1000"] = 1000 * (time.perf_counter() - start) / args.n
+    result["nfe_per_sample"] = 1  # one decoder pass per sample
     result.update(common.generative_metrics(images, args.data, args.data_root, args.fid_extractor,
                                             args.fid_weights, device), temperature=args.temperature)
     (Path(args.eval) / "eval.json").write_text(json.dumps(result, indent=2))
@@ -575,13 +578,13 @@ def bench_command(args):
     cuda = device.type == "cuda"
     import resource  # Unix only, hence here: peak resident memory when there is no GPU
 
-    result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "params": sum(p.numel() for p in
+    result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "parameters": sum(p.numel() for p in
               net.parameters()), "width": args.width, "batch_size": args.batch_size, "amp": args.amp and cuda,
               "compile": args.compile, "train_images_per_s": args.batch_size / step_s,
               "sample_images_per_s": args.batch_size / sample_s,
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else  # CPU: peak RSS in KiB
               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "memory": "allocated" if cuda else "RSS",
-              "projected_hours_200_epochs_50k": 200 * 50_000 / (args.batch_size / step_s) / 3600}
+              "projected_hours_200_epochs": 200 * 50_000 / (args.batch_size / step_s) / 3600}
     out_dir = Path(args.resume) if args.resume else Path(args.run_dir) / f"vae__bench__{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
