@@ -40,6 +40,10 @@ def _to_32x32(path):
     from PIL import Image
 
     with Image.open(path) as img:
+        if img.mode.startswith("I") or img.mode == "F":  # 16-bit/float greyscale: PIL's convert would clip
+            arr = np.asarray(img, dtype=np.float64)
+            top = 255 if arr.max() <= 255 else 65535 if img.mode.startswith("I") else arr.max()
+            img = Image.fromarray((arr / top * 255).round().clip(0, 255).astype(np.uint8))
         img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "PA", "LA") else img.convert("RGB")
         if img.size != (32, 32):
             w, h = img.size
@@ -170,6 +174,8 @@ class DeviceLoader:
         self.images = images.to(device)
         self.device, self.seed, self.rank, self.world, self.flip = torch.device(device), seed, rank, world_size, flip
         self.shard_size = len(images) // world_size
+        if self.shard_size == 0:
+            raise UserError(f"{len(images)} training images cannot be shared among {world_size} processes")
         self.batch_size = max(1, min(batch_size, self.shard_size))
 
     def __len__(self):
@@ -418,6 +424,13 @@ def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -717,8 +730,10 @@ def _run_row(run_dir):
     last = lambda key: next((r[key] for r in reversed(rows) if key in r), None)  # noqa: E731
     speeds = sorted(r["img_per_s"] for r in rows if "img_per_s" in r)
     epoch_seconds = [r["epoch_seconds"] for r in rows if "epoch_seconds" in r]
-    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True) \
-        if (run_dir / "checkpoint.pt").exists() else {}
+    try:
+        ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    except Exception:  # missing, corrupt or not ours: its numbers are shown as missing
+        ckpt = {}
     params = sum(v.numel() for v in ckpt["net"].values()) if "net" in ckpt else bench.get("parameters")
     return {"run": run_dir.name, "model": run_dir.name.split("__")[0], "parameters": params,
             "img_per_s": speeds[len(speeds) // 2] if speeds else bench.get("train_images_per_s"),

@@ -328,6 +328,11 @@ def train(args, device, rank, world):
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.0, 0.999))  # beta1 = 0 (IGEBM)
     buffer = ReplayBuffer(args.buffer_size, (3, 32, 32), device, args.restart_rate)
     epoch, step, rollbacks = restore(ckpt, net, optimizer, buffer, args.resume, args.seed, rank) if ckpt else (0, 0, 0)
+    if ckpt and epoch >= args.epochs:
+        raise UserError(f"{args.resume} already has {epoch} epochs: pass --epochs N with N > {epoch}")
+    if ckpt and args.lr != ckpt["args"]["lr"]:  # a new --lr on resume wins over the optimizer state's
+        for group in optimizer.param_groups:  # (without one, a lr lowered by a rollback is kept)
+            group["lr"] = args.lr
     energy = torch.compile(net) if args.compile else net  # the sampler's view of the network (no DDP hooks)
     model = nn.parallel.DistributedDataParallel(energy) if world > 1 else energy
     loader = common.DeviceLoader(images, args.batch_size // world, device, args.seed, rank, world)
@@ -458,7 +463,7 @@ def load_svhn(data_root, n):
     except Exception as e:  # no network, a refused connection, a corrupt file...
         raise UserError(f"--ood svhn: SVHN is not in {root}/ and could not be downloaded ({type(e).__name__}): "
                         f"put test_32x32.mat in {root}/, or leave out --ood") from None
-    return torch.from_numpy(data[:n]).float() / 255
+    return (torch.from_numpy(data[:n]).float() + 0.5) / 256  # the bin centres, as for the test images
 
 
 def ood_sets(test, generator):

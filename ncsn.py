@@ -97,7 +97,7 @@ def build_parser(preset="ncsnv2"):
     p.add_argument("--step-eps", type=positive_float, help="eps in alpha_i = eps sigma_i^2 / sigma_L^2")
     p.add_argument("--denoise", action=argparse.BooleanOptionalAction, help="final Tweedie denoising step")
     p.add_argument("--ema", type=float, help="EMA decay of the weights (0: no EMA)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--grad-clip", type=common.non_negative_float, default=1.0, help="clip the gradient norm (0: off)")
     p.add_argument("--max-bad-steps", type=positive_int, default=20, help="stop after this many non-finite steps")
     p.add_argument("--test-images", type=positive_int, default=1000, help="test images for the per-epoch DSM loss")
     p.add_argument("--sample-batch", type=positive_int, default=1000, help="images per sampler batch")
@@ -197,8 +197,8 @@ class ScoreNet(nn.Module):
     def forward(self, x, sigma):
         emb = self.embed(self.sigma_embedding(sigma))
         sigma = sigma[:, None, None, None]
-        # Centre and rescale the input to about unit variance at every level (data std ~0.25): the
-        # score is unchanged, only what the first layer sees (the c_in of Karras et al. 2022).
+        # Centre the input and divide by sqrt(sigma^2 + sigma_data^2) with sigma_data = 0.5 (the c_in
+        # of Karras et al. 2022): the first layer sees values of order one at every noise level.
         h = self.head((x - 0.5) / (sigma**2 + 0.25).sqrt())
         hs = [h]
         for layer in self.down:
@@ -403,20 +403,22 @@ def train(args):
     train_images = common.load_images(args.data, args.data_root, "train")[: args.limit_train]
     test_images = common.load_images(args.data, args.data_root, "test")[: args.test_images]
     net = build_net(args).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, fused=True)  # fused: one kernel, and see found_inf below
     start_epoch, step = 0, 0
     if args.resume:
         ckpt = common.load_checkpoint(args.resume, "ncsn")
         common.load_weights(net, ckpt["net"], args.resume)
         common.load_weights(ema, ckpt["ema"], args.resume)
         opt.load_state_dict(ckpt["optimizer"])
+        for group in opt.param_groups:  # the optimizer state carries the old lr: --lr on resume must win
+            group["lr"] = args.lr
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         if start_epoch >= args.epochs:
             raise UserError(f"{args.resume} already has {start_epoch} epochs: pass --epochs N with N > {start_epoch}")
     run_dir = common.make_run_dir("ncsn", args) if rank == 0 else None
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
     model = DistributedDataParallel(net) if world > 1 else net
     model = torch.compile(model) if args.compile else model
     loader = common.DeviceLoader(train_images, args.batch_size // world, device, args.seed, rank, world)
@@ -431,7 +433,9 @@ def train(args):
     if rank == 0 and start_epoch == 0:  # the baseline: a zero score (the initial network) gives D/2
         log.log(0, epoch=0, **test_dsm_loss(ema, test_images, args, device))
     if args.resume:
-        common.set_rng_state(ckpt["rng"])
+        common.set_rng_state(ckpt["rng"])  # rank 0's generators...
+        if rank > 0:  # ...so the other ranks need noise of their own again
+            torch.manual_seed(args.seed + rank + 1000 * start_epoch)
     preview_noise_seed = 0
     bad_streak = torch.zeros((), device=device)  # consecutive non-finite steps, counted on the device
     worst_streak = torch.zeros((), device=device)
@@ -446,16 +450,17 @@ def train(args):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or float("inf"))
-            # A non-finite loss gives non-finite gradients. Deciding on the host would stall the GPU
-            # every step, so the decision stays on the device: the bad step's gradients become zero.
+            # A non-finite loss gives non-finite gradients: skip that step. Asking the host would stall
+            # the GPU every step, so the decision stays on the device: the fused Adam kernel leaves
+            # weights, moments and step count alone where found_inf is 1 (torch.amp.GradScaler's hook).
             finite = torch.isfinite(grad_norm)
-            for p in net.parameters():
-                p.grad = torch.where(finite, p.grad, 0.0)
+            opt.found_inf = (~finite).float()
             opt.step()
-            if args.ema > 0:
-                torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema)
-            else:
-                ema.load_state_dict(net.state_dict())
+            with torch.no_grad():  # the EMA is not part of any graph
+                if args.ema > 0:
+                    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema)
+                else:
+                    torch._foreach_copy_(list(ema.parameters()), list(net.parameters()))
             bad_streak = (bad_streak + 1) * (~finite)
             worst_streak = torch.maximum(worst_streak, bad_streak)
             step, seen = step + 1, seen + len(x) * world
@@ -604,6 +609,10 @@ def main(argv=None):
     args = common.parse_args(build_parser(preset), argv)
     if args.ema is not None and not 0 <= args.ema < 1:
         raise UserError(f"--ema must be in [0, 1), got {args.ema}")
+    if args.width % 2 or not all(m.isdigit() and int(m) > 0 for m in str(args.channel_mult).split(",")) \
+            or len(str(args.channel_mult).split(",")) > 5:  # 32 -> 2 pixels after five levels
+        raise UserError(f"--width must be even and --channel-mult 1 to 5 positive integers such as 1,2,2,2; got "
+                        f"--width {args.width} --channel-mult {args.channel_mult}")
     if args.toy:
         run_dir = common.make_run_dir("ncsn_toy", args)
         toy_experiment(run_dir)

@@ -85,11 +85,17 @@ def test_odd_images_are_converted_to_rgb_32x32(tmp_path):
     write_images(tmp_path / "c", 3, size=(32, 32), mode="P", ext="bmp", seed=2)
     write_images(tmp_path / "d", 3, mode="RGB", ext="png", seed=3)
     (tmp_path / "d" / "broken.png").write_bytes(b"not an image")
+    from PIL import Image
+
+    deep = np.array([[1000, 30000, 60000] * 10 + [0, 0]] * 32, dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "d" / "sixteen_bit.png")  # 16-bit greyscale: rescaled, not clipped
     (tmp_path / "notes.txt").write_text("ignored")
     train = common.load_images(str(tmp_path), str(tmp_path / "cache"), "train")
     test = common.load_images(str(tmp_path), str(tmp_path / "cache"), "test")
     assert train.dtype == torch.uint8 and train.shape[1:] == (3, 32, 32)
-    assert len(train) + len(test) == 12 and len(test) == 1  # 5% of 12 rounds to 1; the broken file is skipped
+    assert len(train) + len(test) == 13 and len(test) == 1  # 5% of 13 rounds to 1; the broken file is skipped
+    sixteen = common._to_32x32(tmp_path / "d" / "sixteen_bit.png")
+    assert sixteen[0, :3, 0].tolist() == [4, 117, 233]  # 1000, 30000, 60000 of 65535
     grey = common._to_32x32(tmp_path / "a" / "0000.jpg")
     assert grey.shape == (32, 32, 3) and (grey[..., 0] == grey[..., 1]).all()
 
@@ -356,6 +362,17 @@ def test_annealed_langevin_recovers_mixture_weights_and_plain_langevin_does_not(
     assert abs(ncsn.share_in_first_mode(plain) - 0.8) > 0.15
 
 
+def test_ncsnv2_sampler_settings_sample_a_gaussian_with_the_right_spread():
+    """With the exact score of N(mu, s^2 I) blurred by each sigma, NCSNv2's L = 232, T = 5, eps = 6.2e-6 and
+    the final denoising step turn uniform noise into N(mu, s^2 I): the step sizes equilibrate the chain."""
+    g = torch.Generator().manual_seed(0)
+    mu, s2 = 0.5, 0.2**2
+    x, snaps = ncsn.annealed_langevin(gaussian_score(mu, s2), torch.rand(4, 3, 32, 32, generator=g),
+                                      ncsn.geometric_sigmas(50, 0.01, 232), 5, 6.2e-6, record=(0,), generator=g)
+    assert abs(x.mean().item() - mu) < 0.01 and abs(x.std().item() - 0.2) < 0.02
+    assert snaps[0].std().item() > 20  # at sigma_1 = 50 the chain is spread over the whole space
+
+
 def test_geometric_sigmas_and_score_net_shapes():
     sigmas = ncsn.geometric_sigmas(50, 0.01, 232)
     assert sigmas[0].item() == pytest.approx(50) and sigmas[-1].item() == pytest.approx(0.01)
@@ -370,7 +387,12 @@ def test_geometric_sigmas_and_score_net_shapes():
 
 
 def test_non_finite_steps_leave_the_weights_alone_and_too_many_stop_the_run(tiny_images, tmp_path, monkeypatch):
-    dsm = ncsn.dsm_loss
+    dsm, calls = ncsn.dsm_loss, []
+
+    def every_second_step_diverges(*args, **kwargs):
+        calls.append(1)
+        return dsm(*args, **kwargs) * (float("nan") if len(calls) % 2 == 0 else 1.0)
+
     monkeypatch.setattr(ncsn, "dsm_loss", lambda *a, **k: dsm(*a, **k) * float("nan"))  # every step diverges
     argv = ["--data", str(tiny_images), "--data-root", str(tmp_path), "--epochs", "1", *NCSN_TINY]
     ncsn.main([*argv, "--run-dir", str(tmp_path / "a"), "--max-bad-steps", "100"])
@@ -378,6 +400,12 @@ def test_non_finite_steps_leave_the_weights_alone_and_too_many_stop_the_run(tiny
     torch.manual_seed(1)  # the run's seed: the same initial weights
     initial = ncsn.build_net(ncsn.build_parser().parse_args(NCSN_TINY)).state_dict()
     assert all(torch.equal(ckpt["net"][k], initial[k]) for k in initial)  # four NaN steps changed nothing
+    monkeypatch.setattr(ncsn, "dsm_loss", every_second_step_diverges)
+    ncsn.main([*argv, "--run-dir", str(tmp_path / "c"), "--max-bad-steps", "100", "--test-images", "1"])
+    ckpt = torch.load(next((tmp_path / "c").glob("*/checkpoint.pt")), weights_only=True)
+    adam_steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
+    assert adam_steps == {2}  # of 4 steps, the 2 bad ones were skipped: no update, no moment or count change
+    monkeypatch.setattr(ncsn, "dsm_loss", lambda *a, **k: dsm(*a, **k) * float("nan"))
     with pytest.raises(common.UserError, match="training diverged.*last good checkpoint"):
         ncsn.main([*argv, "--run-dir", str(tmp_path / "b"), "--max-bad-steps", "2"])
 

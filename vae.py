@@ -81,14 +81,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import common
-from common import IMAGE_DIMS, UserError, bits_per_dim, positive_float, positive_int
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+from common import IMAGE_DIMS, UserError, bits_per_dim, non_negative_float, positive_float, positive_int
 
 
 def build_parser():
@@ -361,7 +354,10 @@ def train_step(model, optimizer, x01, beta, args, state, device):
     skip = not math.isfinite(norm) or (average is not None and norm > args.skip_factor * average)
     if not skip:
         optimizer.step()
-        state["grad_norm_avg"] = norm if average is None else 0.99 * average + 0.01 * norm
+    if math.isfinite(norm):  # capped, so that a skipped outlier moves the average a little, and a lasting
+        # change of scale is accepted after a while instead of being skipped forever
+        state["grad_norm_avg"] = norm if average is None else \
+            0.99 * average + 0.01 * min(norm, args.skip_factor * average)
     return loss.detach(), log_px_z.detach(), kl.detach(), norm, skip
 
 
@@ -450,7 +446,8 @@ def train(args):
                                 f"the last good checkpoint is {last}: resume it with a lower --lr")
             if not skipped and ema_net is not None:  # decay warms up so early epochs' EMA is not stale
                 decay = min(args.ema_decay, (1 + step) / (10 + step))
-                torch._foreach_lerp_(list(ema_net.parameters()), list(net.parameters()), 1 - decay)
+                with torch.no_grad():  # the EMA is not part of any graph
+                    torch._foreach_lerp_(list(ema_net.parameters()), list(net.parameters()), 1 - decay)
             step, seen = step + 1, seen + len(x) * world
             if step % args.log_every == 0 and rank == 0:
                 bpd, distortion, rate = elbo_bits_per_dim(log_px_z, kl)
