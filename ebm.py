@@ -397,7 +397,8 @@ def train(args, device, rank, world):
         means = dict(zip(("loss", "energy_pos", "energy_neg", "sgld_grad_norm"), (totals / len(loader)).tolist()))
         means["gap"] = means["energy_neg"] - means["energy_pos"]  # E(x-) - E(x+): positive once data is likelier
         if rank == 0:
-            log.log(step, epoch=epoch, epoch_seconds=time.perf_counter() - epoch_start, **means)
+            log.log(step, epoch=epoch, epoch_seconds=time.perf_counter() - epoch_start,
+                    lr=optimizer.param_groups[0]["lr"], **means)
             previews(net, energy, buffer, args, device, run_dir, epoch)  # before the save: it draws noise
             save_checkpoint(run_dir, net, optimizer, buffer, args, epoch, step, rollbacks)
             print(f"epoch {epoch}/{args.epochs}: loss {means['loss']:.4f}  E+ {means['energy_pos']:.4f}  "
