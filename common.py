@@ -726,7 +726,8 @@ def _run_row(run_dir):
     """One row of the comparison table from what a run folder holds; None where it holds nothing."""
     run_dir = Path(run_dir)
     read = lambda name: json.loads((run_dir / name).read_text()) if (run_dir / name).exists() else {}  # noqa: E731
-    rows, evaluation, bench = read_metrics(run_dir), read("eval.json"), read("bench.json")
+    rows, evaluation, bench, summary = read_metrics(run_dir), read("eval.json"), read("bench.json"), \
+        read("summary.json")
     last = lambda key: next((r[key] for r in reversed(rows) if key in r), None)  # noqa: E731
     speeds = sorted(r["img_per_s"] for r in rows if "img_per_s" in r)
     epoch_seconds = [r["epoch_seconds"] for r in rows if "epoch_seconds" in r]
@@ -734,7 +735,8 @@ def _run_row(run_dir):
         ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     except Exception:  # missing, corrupt or not ours: its numbers are shown as missing
         ckpt = {}
-    params = sum(v.numel() for v in ckpt["net"].values()) if "net" in ckpt else bench.get("parameters")
+    params = summary.get("parameters") or bench.get("parameters") or \
+        (sum(v.numel() for v in ckpt["net"].values()) if "net" in ckpt else None)  # (the last counts buffers too)
     return {"run": run_dir.name, "model": run_dir.name.split("__")[0], "parameters": params,
             "img_per_s": speeds[len(speeds) // 2] if speeds else bench.get("train_images_per_s"),
             "epoch_seconds": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else None,

@@ -407,7 +407,8 @@ def train(args, device, rank, world):
         if world > 1:
             dist.barrier()
     if rank == 0:
-        summary = {"epochs": epoch, "steps": step, "rollbacks": rollbacks, "lr": optimizer.param_groups[0]["lr"],
+        summary = {"epochs": epoch, "steps": step, "parameters": sum(p.numel() for p in net.parameters()),
+                   "rollbacks": rollbacks, "lr": optimizer.param_groups[0]["lr"],
                    "wall_s": time.perf_counter() - start, **{f"last_epoch_{k}": v for k, v in means.items()}}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         common.plot_metrics(run_dir)

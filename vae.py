@@ -467,7 +467,8 @@ def train(args):
         if world > 1:
             dist.barrier()
     if rank == 0:
-        summary = {"epochs": args.epochs, "steps": step, "params": n_params, "wall_time_s": time.time() - start_time,
+        summary = {"epochs": args.epochs, "steps": step, "parameters": n_params,
+                   "wall_time_s": time.time() - start_time,
                    **{f"final_{k}": v for k, v in metrics.items()}}
         if ema_net is not None:  # what the EMA buys, measured: the same bound with the raw weights
             summary["final_test_bpd_without_ema"] = evaluate(net, test_images, args.batch_size, device,
