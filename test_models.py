@@ -305,6 +305,20 @@ def test_compare_tables_runs_and_shows_missing_metrics_as_missing(tmp_path):
     assert bad.returncode == 1 and "not a run folder" in bad.stderr
 
 
+def test_readme_quick_start_is_what_ci_runs_and_what_the_tests_exercise():
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert quick_start == ["pip install -r requirements.txt && python ncsn.py --epochs 200", "python -m pytest -q"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install -q -r requirements.txt" in ci and ci.strip().endswith(quick_start[1])
+    args = ncsn.build_parser().parse_args(["--epochs", "200"])  # the main job: the flag parses to the
+    assert args.epochs == 200 and args.preset == "ncsnv2" and args.lr == 1e-4  # NCSNv2 recipe, run small above
+    assert args.num_scales == 232 and args.sigma_max == 50 and args.ema == 0.999 and args.data == "cifar10"
+    requirements = (ROOT / "requirements.txt").read_text()
+    for package in ("torch", "torchvision", "numpy", "matplotlib", "tqdm", "torch-fidelity", "tensorboard", "pytest"):
+        assert f"\n{package}" in "\n" + requirements
+
+
 @pytest.mark.skipif(not REAL_DATA.exists(), reason="the shared CIFAR-10 JPEG copy is not on this machine")
 def test_explore_on_real_cifar10_copy(tmp_path):
     stats = common.explore(str(REAL_DATA), str(ROOT / "data"), tmp_path)
