@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 import common
-from common import UserError, positive_float, positive_int
+from common import UserError, non_negative_float, positive_float, positive_int
 
 
 def probability(text):
@@ -97,10 +97,10 @@ def build_parser():
     a("--log-every", type=positive_int, default=10, help="log (and check for divergence) every K steps")
     a("--width", type=positive_int, default=128, help="channels of the first ResNet stage (IGEBM: 128)")
     # the EBM itself: loss, sampler, replay buffer, stability
-    a("--alpha", type=float, default=1.0, help="weight of the energy penalty alpha (E+^2 + E-^2) (IGEBM: 1)")
+    a("--alpha", type=non_negative_float, default=1.0, help="weight of alpha (E+^2 + E-^2) (IGEBM: 1)")
     a("--sgld-steps", type=positive_int, default=60, help="SGLD steps K per training step (IGEBM: 60)")
     a("--sgld-step-size", type=positive_float, default=10.0, help="SGLD step size lambda (IGEBM: 10)")
-    a("--sgld-noise", type=float, default=0.005, help="SGLD noise standard deviation (IGEBM: 0.005)")
+    a("--sgld-noise", type=non_negative_float, default=0.005, help="SGLD noise standard deviation (IGEBM: 0.005)")
     a("--sgld-grad-clip", type=positive_float, default=0.01, help="clip grad_x E to +-this in SGLD (IGEBM: 0.01)")
     a("--buffer-size", type=positive_int, default=10000, help="replay buffer size, per process (IGEBM: 10,000)")
     a("--restart-rate", type=probability, default=0.05, help="fraction of chains restarted from U(0,1) (IGEBM: 0.05)")
