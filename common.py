@@ -10,6 +10,7 @@ numbers around, so that the three models are trained and measured the same way.
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -451,6 +452,8 @@ def parse_args(parser, argv=None):
     This is how `--resume runs/RUN --epochs 300` extends a run with its own width, data, seed, ...
     """
     args = parser.parse_args(argv)
+    if getattr(args, "track", False) and importlib.util.find_spec("wandb") is None:  # on every rank, early
+        raise UserError("--track needs wandb: pip install wandb")
     run = next((getattr(args, f) for f in RUN_FLAGS if getattr(args, f, None)), None)
     if run is None:
         return args
@@ -610,7 +613,7 @@ def setup_device(name="auto"):
         if name == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if name == "cuda" else "gloo")
+        dist.init_process_group("nccl" if name == "cuda" else "gloo", device_id=device if name == "cuda" else None)
     if name == "cuda":  # TF32 matmuls/convolutions: free speed on Ampere and newer
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

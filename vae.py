@@ -341,24 +341,28 @@ def build_net(args):
 
 
 def train_step(model, optimizer, x01, beta, args, state, device):
-    """One AdamW update, skipped when the gradient norm is non-finite or far above its average (VDVAE)."""
+    """One AdamW update, skipped when the gradient norm is non-finite or far above its average (VDVAE).
+
+    The decision stays on the device, so the GPU never waits for the host: the fused AdamW kernel leaves
+    weights, moments and step count alone where found_inf is 1 (the hook torch.amp.GradScaler uses).
+    """
     with autocast(device, args.amp):
         log_px_z, kl = model(x01 * 2 - 1)
     loss = training_loss(log_px_z, kl, beta, args.free_bits * args.latent_size**2)  # per dim -> per map
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    # the one host sync per step, on purpose: the decision to skip must be made before optimizer.step
-    norm = grad_norm.item()
-    average = state.get("grad_norm_avg")
-    skip = not math.isfinite(norm) or (average is not None and norm > args.skip_factor * average)
-    if not skip:
-        optimizer.step()
-    if math.isfinite(norm):  # capped, so that a skipped outlier moves the average a little, and a lasting
-        # change of scale is accepted after a while instead of being skipped forever
-        state["grad_norm_avg"] = norm if average is None else \
-            0.99 * average + 0.01 * min(norm, args.skip_factor * average)
-    return loss.detach(), log_px_z.detach(), kl.detach(), norm, skip
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # (), on the device
+    average = state.get("grad_norm_avg", torch.tensor(float("inf"), device=grad_norm.device))  # inf: no step yet
+    finite = torch.isfinite(grad_norm)
+    skip = ~finite | (grad_norm > args.skip_factor * average)
+    optimizer.found_inf = skip.float()
+    optimizer.step()
+    # the average of accepted norms; an outlier enters capped, so that a lasting change of scale is
+    # accepted after a while instead of being skipped forever
+    capped = torch.minimum(grad_norm, args.skip_factor * average)
+    updated = torch.where(average.isinf(), grad_norm, 0.99 * average + 0.01 * capped)
+    state["grad_norm_avg"] = torch.where(finite, updated, average)
+    return loss.detach(), log_px_z.detach(), kl.detach(), grad_norm.detach(), skip
 
 
 def learning_rate(step, args):
@@ -396,13 +400,14 @@ def train(args):
     test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
     common.seed_everything(args.seed + rank)
     net = build_net(args).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    state, start_epoch, step, ckpt = {"skipped_steps": 0}, 0, 0, None
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    state, start_epoch, step, ckpt = {"skipped_steps": torch.zeros((), device=device)}, 0, 0, None
     if args.resume:
         ckpt = common.load_checkpoint(args.resume, "vae")
         common.load_weights(net, ckpt["net"], args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, step, state = ckpt["epoch"], ckpt["step"], ckpt["state"]
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        state = {k: torch.as_tensor(v).to(device) for k, v in ckpt["state"].items()}
         if args.epochs <= start_epoch:
             raise UserError(f"{args.resume} already has {start_epoch} epochs; pass --epochs > {start_epoch}")
     ema_net = copy.deepcopy(net).requires_grad_(False) if args.ema_decay > 0 else None
@@ -429,7 +434,8 @@ def train(args):
     elif ckpt is not None:
         torch.manual_seed(args.seed + rank + 1000 * start_epoch)
     warmup_steps = args.kl_warmup * len(loader)
-    consecutive_skips, start_time = 0, time.time()
+    skip_streak = worst_streak = torch.zeros((), device=device)  # consecutive skipped steps, on the device
+    start_time = time.time()
     for epoch in range(start_epoch + 1, args.epochs + 1):
         bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch}", disable=rank != 0, leave=False)
         tick, seen = time.time(), 0
@@ -438,13 +444,14 @@ def train(args):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args)
             loss, log_px_z, kl, grad_norm, skipped = train_step(model, optimizer, x, beta, args, state, device)
-            consecutive_skips = consecutive_skips + 1 if skipped else 0
-            state["skipped_steps"] += int(skipped)
-            if consecutive_skips >= 100:
+            skip_streak = (skip_streak + 1) * skipped
+            worst_streak = torch.maximum(worst_streak, skip_streak)
+            state["skipped_steps"] = state["skipped_steps"] + skipped
+            if step % args.log_every == 0 and worst_streak.item() >= 100:  # host syncs only every K steps
                 last = f"{run_dir or args.resume}/checkpoint.pt (epoch {epoch - 1})" if epoch > 1 else "none yet"
                 raise UserError(f"training diverged: 100 updates in a row had non-finite or exploding gradients; "
                                 f"the last good checkpoint is {last}: resume it with a lower --lr")
-            if not skipped and ema_net is not None:  # decay warms up so early epochs' EMA is not stale
+            if ema_net is not None:  # decay warms up so early epochs' EMA is not stale
                 decay = min(args.ema_decay, (1 + step) / (10 + step))
                 with torch.no_grad():  # the EMA is not part of any graph
                     torch._foreach_lerp_(list(ema_net.parameters()), list(net.parameters()), 1 - decay)
@@ -555,7 +562,7 @@ def bench_command(args):
     common.seed_everything(args.seed)
     net = build_net(args).to(device)
     model = torch.compile(net) if args.compile else net
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     x = torch.randint(0, 256, (args.batch_size, 3, 32, 32), device=device).float() / 255
     z = prior_noise(net, args.batch_size, 1.0, 0, device)
 
@@ -569,7 +576,7 @@ def bench_command(args):
         torch.cuda.synchronize() if device.type == "cuda" else None
         return (time.perf_counter() - start) / repeats
 
-    state = {"skipped_steps": 0}
+    state = {}
     step_s = seconds_per_call(lambda: train_step(model, optimizer, x, 1.0, args, state, device), args.bench_steps)
     with autocast(device, args.amp):
         sample_s = seconds_per_call(lambda: sample(net, z), 3)
