@@ -244,50 +244,46 @@ def to_uint8(x):
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-class TinyFeatures(torch.nn.Module):
-    """A small fixed random conv net, registered as torch-fidelity feature extractor 'tiny-random'.
+def _register_tiny_features():
+    """Register 'tiny-random' with torch-fidelity: a small fixed random conv net as feature extractor.
 
     It lets the whole FID / IS / KID pipeline run offline (tests, CI) without Inception weights.
     Its scores measure something real (a distance between feature statistics) but are NOT
-    comparable with any published number.
+    comparable with any published number. (torch-fidelity is imported here, not at the top, so
+    that scripts which never compute a metric do not pay for it.)
     """
-
-    def __init__(self, name, features_list, **kwargs):
-        from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-
-        FeatureExtractorBase.__init__(self, name, features_list)
-        g = torch.Generator().manual_seed(0)
-        self.w1 = torch.nn.Parameter(torch.randn(32, 3, 4, 4, generator=g) / 7, requires_grad=False)
-        self.w2 = torch.nn.Parameter(torch.randn(64, 32, 4, 4, generator=g) / 23, requires_grad=False)
-        self.head = torch.nn.Parameter(torch.randn(10, 64, generator=g) / 8, requires_grad=False)
-
-    @staticmethod
-    def get_provided_features_list():
-        return ("features", "logits")
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"isc": "logits", "fid": "features", "kid": "features"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    def forward(self, x):  # x: (B, 3, H, W) uint8, as torch-fidelity hands it over
-        h = torch.nn.functional.conv2d(x.float() / 127.5 - 1, self.w1, stride=2).tanh()
-        h = torch.nn.functional.conv2d(h, self.w2, stride=2).tanh().mean((2, 3))  # (B, 64)
-        out = {"features": h.double(), "logits": (h @ self.head.T).double()}
-        return tuple(out[f] for f in self.features_list)
-
-
-def _register_tiny_features():
     import torch_fidelity
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+    class TinyRandomFeatures(FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+            g = torch.Generator().manual_seed(0)
+            self.w1 = torch.nn.Parameter(torch.randn(32, 3, 4, 4, generator=g) / 7, requires_grad=False)
+            self.w2 = torch.nn.Parameter(torch.randn(64, 32, 4, 4, generator=g) / 23, requires_grad=False)
+            self.head = torch.nn.Parameter(torch.randn(10, 64, generator=g) / 8, requires_grad=False)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("features", "logits")
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits", "fid": "features", "kid": "features"}[metric]
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        def forward(self, x):  # x: (B, 3, H, W) uint8, as torch-fidelity hands it over
+            h = torch.nn.functional.conv2d(x.float() / 127.5 - 1, self.w1, stride=2).tanh()
+            h = torch.nn.functional.conv2d(h, self.w2, stride=2).tanh().mean((2, 3))  # (B, 64)
+            out = {"features": h.double(), "logits": (h @ self.head.T).double()}
+            return tuple(out[f] for f in self.features_list)
+
     if "tiny-random" not in FEATURE_EXTRACTORS_REGISTRY:
-        cls = type("TinyRandomFeatures", (TinyFeatures, FeatureExtractorBase), {})
-        torch_fidelity.register_feature_extractor("tiny-random", cls)
+        torch_fidelity.register_feature_extractor("tiny-random", TinyRandomFeatures)
 
 
 class _Uint8Images(torch.utils.data.Dataset):
