@@ -264,11 +264,13 @@ def train_step(model, energy, net, optimizer, buffer, x, args, device, inject_na
     """One contrastive-divergence update. Returns device tensors (no host sync)."""
     x_pos = (x * 255 + torch.rand_like(x)) / 256  # uniform dequantization: a density over [0, 1], not 256 spikes
     x_neg, idx = buffer.sample(len(x_pos))
-    net.eval()  # spectral norm's power iteration runs only in the update below, not 60 times per step
+    # eval: spectral norm's power iteration runs only in the update below, not 60 times per step;
+    # no grad for the weights: SGLD needs grad_x E only (a compiled backward would compute both)
+    net.eval().requires_grad_(False)
     with autocast(args, device):
         x_neg, grad_norm, _ = sgld(lambda v: energy(v).float(), x_neg, args.sgld_steps, args.sgld_step_size,
                                    args.sgld_noise, args.sgld_grad_clip)
-    net.train()
+    net.train().requires_grad_(True)
     buffer.push(x_neg, idx)
     with autocast(args, device):
         energies = model(torch.cat([x_pos, x_neg])).float()  # one forward for both: one DDP all-reduce

@@ -389,6 +389,12 @@ def test_dsm_loss(net, test, args, device, buckets=4):
     return {"test_dsm": sum(per_bucket) / buckets, **{f"test_dsm_q{b + 1}": v for b, v in enumerate(per_bucket)}}
 
 
+@torch.no_grad()  # the average is not part of any graph (under autograd it would grow one per step)
+def update_ema(ema, net, decay):
+    """ema <- decay ema + (1 - decay) net, tensor by tensor (NCSNv2 technique 5); decay 0 copies net."""
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
+
+
 def save_checkpoint(run_dir, net, ema, opt, epoch, step, args):
     common.atomic_save({"model": "ncsn", "args": vars(args), "net": net.state_dict(), "ema": ema.state_dict(),
                         "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "rng": common.rng_state()},
@@ -456,11 +462,7 @@ def train(args):
             finite = torch.isfinite(grad_norm)
             opt.found_inf = (~finite).float()
             opt.step()
-            with torch.no_grad():  # the EMA is not part of any graph
-                if args.ema > 0:
-                    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - args.ema)
-                else:
-                    torch._foreach_copy_(list(ema.parameters()), list(net.parameters()))
+            update_ema(ema, net, args.ema)
             bad_streak = (bad_streak + 1) * (~finite)
             worst_streak = torch.maximum(worst_streak, bad_streak)
             step, seen = step + 1, seen + len(x) * world

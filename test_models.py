@@ -387,6 +387,16 @@ def test_ncsnv2_sampler_settings_sample_a_gaussian_with_the_right_spread():
     assert snaps[0].std().item() > 20  # at sigma_1 = 50 the chain is spread over the whole space
 
 
+def test_ema_update_is_a_plain_average_outside_autograd():
+    net, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2).requires_grad_(False)
+    old = [p.clone() for p in ema.parameters()]
+    ncsn.update_ema(ema, net, 0.9)
+    for e, o, p in zip(ema.parameters(), old, net.parameters()):
+        assert torch.allclose(e, 0.9 * o + 0.1 * p) and e.is_leaf and e.grad_fn is None  # no graph kept
+    ncsn.update_ema(ema, net, 0.0)
+    assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), net.parameters()))  # decay 0: a copy
+
+
 def test_geometric_sigmas_and_score_net_shapes():
     sigmas = ncsn.geometric_sigmas(50, 0.01, 232)
     assert sigmas[0].item() == pytest.approx(50) and sigmas[-1].item() == pytest.approx(0.01)
