@@ -66,6 +66,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
+from tqdm import tqdm
 
 import common
 from common import UserError, non_negative_float, positive_float, positive_int
@@ -108,7 +109,6 @@ def build_parser():
     a("--max-energy", type=positive_float, default=1000.0, help="|E| beyond this counts as a divergence")
     a("--max-rollbacks", type=int, default=3, help="stop after this many rollbacks to the last good checkpoint")
     a("--lr-drop", type=probability, default=0.5, help="multiply the learning rate by this at each rollback")
-    a("--inject-nan-at", type=positive_int, help="testing: make the energies non-finite at this step, once")
     # commands
     a("--resume", metavar="RUN", help="continue (or extend, with a larger --epochs) the run in this folder")
     a("--sample", metavar="RUN", help="write RUN/samples.png and RUN/samples.npz (see --n, --steps, --chains)")
@@ -260,7 +260,7 @@ def autocast(args, device):
     return torch.autocast(device.type, torch.bfloat16, enabled=bool(args.amp) and device.type == "cuda")
 
 
-def train_step(model, energy, net, optimizer, buffer, x, args, device, inject_nan=False):
+def train_step(model, energy, net, optimizer, buffer, x, args, device):
     """One contrastive-divergence update. Returns device tensors (no host sync)."""
     x_pos = (x * 255 + torch.rand_like(x)) / 256  # uniform dequantization: a density over [0, 1], not 256 spikes
     x_neg, idx = buffer.sample(len(x_pos))
@@ -274,8 +274,6 @@ def train_step(model, energy, net, optimizer, buffer, x, args, device, inject_na
     buffer.push(x_neg, idx)
     with autocast(args, device):
         energies = model(torch.cat([x_pos, x_neg])).float()  # one forward for both: one DDP all-reduce
-    if inject_nan:
-        energies = energies * float("nan")
     e_pos, e_neg = energies.chunk(2)
     loss = contrastive_divergence_loss(e_pos, e_neg, args.alpha)
     optimizer.zero_grad(set_to_none=True)
@@ -351,8 +349,7 @@ def train(args, device, rank, world):
               f"{len(images)} images, {len(loader)} steps per epoch on {world} process(es), {device}")
         if ckpt is None:  # the first "last good checkpoint", so that even epoch 1 can roll back
             save_checkpoint(run_dir, net, optimizer, buffer, args, epoch, step, rollbacks)
-    inject_at, start, means = args.inject_nan_at, time.perf_counter(), {}
-    from tqdm import tqdm
+    start, means = time.perf_counter(), {}
 
     while epoch < args.epochs:
         totals, bad = torch.zeros(4, device=device), torch.zeros((), dtype=torch.bool, device=device)
@@ -360,8 +357,7 @@ def train(args, device, rank, world):
         tick, tick_step, diverged = time.perf_counter(), step, False
         epoch_start = tick
         for i, x in enumerate(bar):
-            stats, step_bad = train_step(model, energy, net, optimizer, buffer, x, args, device, step + 1 == inject_at)
-            inject_at = None if step + 1 == inject_at else inject_at  # inject once, not again after the rollback
+            stats, step_bad = train_step(model, energy, net, optimizer, buffer, x, args, device)
             totals, bad, step = totals + stats, bad | step_bad, step + 1
             if step % args.log_every == 0 or i == len(loader) - 1:
                 if world > 1:  # every rank must agree to roll back together
