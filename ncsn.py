@@ -119,10 +119,9 @@ def geometric_sigmas(sigma_max, sigma_min, num_scales):
     return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), num_scales))
 
 
-def largest_distance(images, n=2000):
-    """Max Euclidean distance between n training images in [0, 1]: NCSNv2 technique 1 sets sigma_1 near it."""
-    x = images[:n].flatten(1).float() / 255
-    return torch.cdist(x, x).max().item()
+def noise_levels(args, levels=None):
+    """The run's sigmas (or `levels` of them between the same end points, for cheaper previews)."""
+    return geometric_sigmas(args.sigma_max, args.sigma_min, levels or args.num_scales)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +346,7 @@ def build_net(args):
 def sampler_settings(args, device, preview=False):
     """The paper's sampler, or for per-epoch previews a cheaper one: fewer levels, one step each."""
     levels = min(args.preview_levels, args.num_scales) if preview else args.num_scales
-    return dict(sigmas=geometric_sigmas(args.sigma_max, args.sigma_min, levels).to(device),
+    return dict(sigmas=noise_levels(args, levels).to(device),
                 steps=1 if preview else args.steps_per_level, eps=args.step_eps, denoise=args.denoise)
 
 
@@ -373,7 +372,7 @@ def sample(net, n, args, device, seed=0, record=(), preview=False):
 def test_dsm_loss(net, test, args, device, buckets=4):
     """DSM loss on test images with fixed noise, per quarter of the noise levels (largest sigmas first)."""
     g = torch.Generator(device=device).manual_seed(1234)
-    sigmas = geometric_sigmas(args.sigma_max, args.sigma_min, args.num_scales).to(device)
+    sigmas = noise_levels(args).to(device)
     edges = torch.linspace(0, len(sigmas), buckets + 1).long().tolist()
     totals = torch.zeros(buckets, device=device)
     x = test.to(device).float() / 255
@@ -428,14 +427,14 @@ def train(args):
     model = DistributedDataParallel(net) if world > 1 else net
     model = torch.compile(model) if args.compile else model
     loader = common.DeviceLoader(train_images, args.batch_size // world, device, args.seed, rank, world)
-    sigmas = geometric_sigmas(args.sigma_max, args.sigma_min, args.num_scales).to(device)
+    sigmas = noise_levels(args).to(device)
     if rank == 0:
         common.save_config(run_dir, args)
         log = common.RunLog(run_dir, args, args.track)
         print(f"run folder: {run_dir}\n{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
               f"{len(train_images)} training images, {len(loader)} steps per epoch on {device} x {world}")
         print(f"NCSNv2 technique 1: the largest distance between {min(2000, len(train_images))} training images "
-              f"is {largest_distance(train_images):.1f}; sigma_1 = {args.sigma_max:g}")
+              f"is {common.largest_distance(train_images, 2000):.1f}; sigma_1 = {args.sigma_max:g}")
     if rank == 0 and start_epoch == 0:  # the baseline: a zero score (the initial network) gives D/2
         log.log(0, epoch=0, **test_dsm_loss(ema, test_images, args, device))
     if args.resume:
@@ -513,7 +512,7 @@ def run_sample(args):
     import numpy as np
 
     np.savez_compressed(out / "samples.npz", samples=common.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
-    sigmas = geometric_sigmas(args.sigma_max, args.sigma_min, args.num_scales)
+    sigmas = noise_levels(args)
     rows = [(f"sigma={sigmas[i]:.3g}", s[:8]) for i, s in zip(record, snaps)] + [("final", x[:8])]
     common.save_rows(rows, out / "trajectory.png", title="annealed Langevin: the same chains, largest noise first")
     print(f"wrote {args.n} samples to {out}/samples.png, samples.npz and trajectory.png")
@@ -563,7 +562,7 @@ def run_bench(args, steps=5):
         net = net.to(memory_format=torch.channels_last)
     model = torch.compile(net) if args.compile else net
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    sigmas = geometric_sigmas(args.sigma_max, args.sigma_min, args.num_scales).to(device)
+    sigmas = noise_levels(args).to(device)
     x = torch.rand(args.batch_size, 3, 32, 32, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
