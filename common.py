@@ -1,7 +1,8 @@
-"""What vae.py, ebm.py and ncsn.py share: data loading, metrics, image grids, and run-folder I/O.
+"""What vae.py, ebm.py and ncsn.py share: data loading, metrics and image grids. Nothing else.
 
-Everything that is *about a model* lives in that model's file; this file only moves pixels and
-numbers around, so that the three models are trained and measured the same way.
+Everything about a model, including how it is trained, checkpointed and resumed, lives in that
+model's file. This file only moves pixels and numbers, so that the three models see the same data
+and are measured the same way.
 
     python common.py explore    --data ../shared/data/cifar10-jpeg   # figures + numbers of the data
     python common.py bench-data --data ../shared/data/cifar10-jpeg   # our loader vs a DataLoader
@@ -10,11 +11,9 @@ numbers around, so that the three models are trained and measured the same way.
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import os
-import random
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,14 +21,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 IMAGE_DIMS = 3 * 32 * 32  # one CIFAR-10 image: the D in bits per dimension
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 class UserError(Exception):
-    """A problem with the user's input: the scripts print it as one line and exit with status 1."""
+    """A problem with the user's input. The scripts print it as one line and exit with status 1."""
+
+
+def positive_int(text):  # argparse types, shared by every script's command line
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +83,8 @@ def _folder_split(path, split):
     """The files of one split: `train/` and `test/` subfolders if present, else a seeded 5% hold-out."""
     root = Path(path)
     if not root.is_dir():
-        raise UserError(f"--data {path}: no such folder (give an image folder, or 'cifar10')")
+        what = "a file, not a folder" if root.exists() else "no such folder"
+        raise UserError(f"--data {path}: {what} (give a folder of images, or 'cifar10')")
     if (root / "train").is_dir() and (root / "test").is_dir():
         base, files = root / split, _image_files(root / split)
     else:
@@ -88,7 +108,7 @@ def data_key(data, split):
     for f in files:
         st = f.stat()
         h.update(f"{f.relative_to(base)}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return f"{Path(data).resolve().name}-{split}-{h.hexdigest()[:12]}-v2"  # v2: shuffled order
+    return f"{Path(data).resolve().name}-{split}-{h.hexdigest()[:12]}-v3"  # v3: skipped files kept
 
 
 def _decode_folder(data, split):
@@ -110,15 +130,14 @@ def _decode_folder(data, split):
             images.append(arr)
             parts = f.relative_to(base).parts
             labels.append(classes.index(parts[0]) if len(parts) > 1 else -1)
-    if bad:
-        print(f"warning: skipped {len(bad)} unreadable image(s), e.g. {bad[0]}", file=sys.stderr)
     if not images:
         raise UserError(f"--data {data}: none of the {len(files)} image files in {base} could be read")
     # Files come sorted by class folder; a fixed shuffle makes every prefix (--limit-train N, the first
     # test images of a figure) a fair sample of all classes, as CIFAR-10's own order is.
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)[order].contiguous()
-    return {"images": x, "labels": torch.tensor(labels)[order], "classes": classes}
+    return {"images": x, "labels": torch.tensor(labels)[order], "classes": classes,
+            "skipped": [str(f.relative_to(base)) for f in bad]}
 
 
 def _download_cifar10(root, split):
@@ -139,21 +158,31 @@ def load_split(data, data_root, split):
     """{'images': uint8 (N, 3, 32, 32), 'labels', 'classes'} for `data` = 'cifar10' or a folder.
 
     Decoding 50,000 JPEGs takes seconds, so the result is cached under data_root, keyed by data_key():
-    a second run reads one file, and any change to the folder's files makes a new key.
+    a second run reads one file, and any change to the folder's files makes a new key. Files that
+    could not be decoded are named in a warning on every run, not only the first.
     """
     if split not in ("train", "test"):
         raise ValueError(split)
+    if Path(data_root).exists() and not Path(data_root).is_dir():
+        raise UserError(f"--data-root {data_root}: a file, not a folder")
     if data == "cifar10":
         return _download_cifar10(data_root, split)
     cache = Path(data_root) / "cache" / f"{data_key(data, split)}.pt"
+    out = None
     if cache.exists():
         try:
-            return torch.load(cache, weights_only=True)
+            out = torch.load(cache, weights_only=True)
         except Exception:
             pass  # a damaged cache is rebuilt below
-    out = _decode_folder(data, split)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(out, cache)
+    if out is None:
+        out = _decode_folder(data, split)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # two processes may build the same cache
+        torch.save(out, tmp)
+        os.replace(tmp, cache)  # atomic: a reader never sees half a file
+    if out["skipped"]:
+        print(f"warning: {len(out['skipped'])} unreadable image file(s) in --data {data} were skipped, e.g. "
+              f"{out['skipped'][0]}", file=sys.stderr)
     return out
 
 
@@ -250,48 +279,6 @@ def to_uint8(x):
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _register_tiny_features():
-    """Register 'tiny-random' with torch-fidelity: a small fixed random conv net as feature extractor.
-
-    It lets the whole FID / IS / KID pipeline run offline (tests, CI) without Inception weights.
-    Its scores measure something real (a distance between feature statistics) but are NOT
-    comparable with any published number. (torch-fidelity is imported here, not at the top, so
-    that scripts which never compute a metric do not pay for it.)
-    """
-    import torch_fidelity
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-    class TinyRandomFeatures(FeatureExtractorBase):
-        def __init__(self, name, features_list, **kwargs):
-            super().__init__(name, features_list)
-            g = torch.Generator().manual_seed(0)
-            self.w1 = torch.nn.Parameter(torch.randn(32, 3, 4, 4, generator=g) / 7, requires_grad=False)
-            self.w2 = torch.nn.Parameter(torch.randn(64, 32, 4, 4, generator=g) / 23, requires_grad=False)
-            self.head = torch.nn.Parameter(torch.randn(10, 64, generator=g) / 8, requires_grad=False)
-
-        @staticmethod
-        def get_provided_features_list():
-            return ("features", "logits")
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric):
-            return {"isc": "logits", "fid": "features", "kid": "features"}[metric]
-
-        @staticmethod
-        def can_be_compiled():
-            return False
-
-        def forward(self, x):  # x: (B, 3, H, W) uint8, as torch-fidelity hands it over
-            h = torch.nn.functional.conv2d(x.float() / 127.5 - 1, self.w1, stride=2).tanh()
-            h = torch.nn.functional.conv2d(h, self.w2, stride=2).tanh().mean((2, 3))  # (B, 64)
-            out = {"features": h.double(), "logits": (h @ self.head.T).double()}
-            return tuple(out[f] for f in self.features_list)
-
-    if "tiny-random" not in FEATURE_EXTRACTORS_REGISTRY:
-        torch_fidelity.register_feature_extractor("tiny-random", TinyRandomFeatures)
-
-
 class _Uint8Images(torch.utils.data.Dataset):
     def __init__(self, images):
         self.images = images
@@ -303,14 +290,6 @@ class _Uint8Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
-def fid_from_features(features_1, features_2):
-    """Frechet distance between Gaussians fitted to two (N, F) feature sets (torch-fidelity's code)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-
-    stats = [fid_features_to_statistics(f.double().cpu()) for f in (features_1, features_2)]
-    return fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
-
-
 def generative_metrics(samples, data, data_root, extractor="inception-v3-compat", weights=None, device="cpu"):
     """FID, Inception Score and KID of `samples` (float in [0, 1]) against the training split.
 
@@ -318,10 +297,8 @@ def generative_metrics(samples, data, data_root, extractor="inception-v3-compat"
     the extractor. The sample count is returned beside the scores: FID is biased upwards for
     small N, and papers use 50,000 samples.
     """
-    import torch_fidelity
+    import torch_fidelity  # imported here: scripts that never compute a metric do not pay for it
 
-    if extractor == "tiny-random":
-        _register_tiny_features()
     reference = load_images(data, data_root, "train")
     fake = to_uint8(samples.cpu())
     n, n_ref = len(fake), len(reference)
@@ -333,7 +310,10 @@ def generative_metrics(samples, data, data_root, extractor="inception-v3-compat"
             cache_root=str(Path(data_root) / "fidelity_cache"), feature_extractor=extractor,
             feature_extractor_weights_path=weights, cuda=torch.device(device).type == "cuda",
             isc=True, fid=True, kid=True, isc_splits=min(10, n), kid_subsets=10,
-            kid_subset_size=min(1000, n, n_ref), verbose=False, batch_size=100)
+            kid_subset_size=min(1000, n, n_ref), verbose=False, batch_size=100,
+            save_cpu_ram=True)  # = no DataLoader workers: the images are already tensors in memory
+    except ValueError as e:  # torch-fidelity's own check, e.g. an extractor name it does not know
+        raise UserError(f"--fid-extractor {extractor}: {e}") from None
     except OSError as e:
         raise UserError(f"could not load the {extractor} weights ({type(e).__name__}: no network?): download "
                         "them once elsewhere and pass --fid-weights FILE") from None
@@ -410,230 +390,6 @@ def plot_metrics(run_dir, path=None):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folders: arguments, logging, checkpoints, devices (the plumbing every training loop needs)
-# ----------------------------------------------------------------------------------------------
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (`prog: error: ...`) rather than the usage block."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-RUN_FLAGS = ("resume", "sample", "eval", "inpaint", "interpolate")  # flags that name an existing run folder
-COMMAND_FLAGS = (*RUN_FLAGS, "bench", "toy")  # what to do now: never taken from a run's config.json
-
-
-def parse_args(parser, argv=None):
-    """Parse argv; with a flag naming a run folder, the run's config.json fills every flag not given.
-
-    This is how `--resume runs/RUN --epochs 300` extends a run with its own width, data, seed, ...
-    """
-    args = parser.parse_args(argv)
-    if getattr(args, "track", False) and importlib.util.find_spec("wandb") is None:  # on every rank, early
-        raise UserError("--track needs wandb: pip install wandb")
-    run = next((getattr(args, f) for f in RUN_FLAGS if getattr(args, f, None)), None)
-    if run is None:
-        return args
-    config = Path(run) / "config.json"
-    if not config.exists():
-        raise UserError(f"{run} is not a run folder (no config.json)")
-    try:
-        saved = json.loads(config.read_text())["args"]
-    except (ValueError, KeyError):
-        raise UserError(f"{config} is damaged (not the JSON this project writes)") from None
-    defaults, parser_defaults = {a.dest: a.default for a in parser._actions}, parser._defaults
-    for a in parser._actions:  # parse once more with no defaults at all: what is left was typed
-        a.default = argparse.SUPPRESS
-    parser._defaults = {}
-    try:
-        given = vars(parser.parse_args(argv))
-    finally:
-        for a in parser._actions:
-            a.default = defaults[a.dest]
-        parser._defaults = parser_defaults
-    for key, value in saved.items():
-        if key not in given and key not in COMMAND_FLAGS and hasattr(args, key):
-            setattr(args, key, value)
-    return args
-
-
-def make_run_dir(model, args):
-    """runs/<model>__<name>__<seed>__<time>, or the folder being resumed."""
-    if getattr(args, "resume", None):
-        return Path(args.resume)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.run_dir) / f"{model}__{args.name}__{args.seed}__{stamp}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    return run_dir
-
-
-def save_config(run_dir, args):
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except Exception:
-        commit = None
-    info = {"args": vars(args), "torch": torch.__version__, "cuda": torch.version.cuda, "git_commit": commit,
-            "command": " ".join(sys.argv)}
-    (Path(run_dir) / "config.json").write_text(json.dumps(info, indent=2, default=str))
-
-
-class RunLog:
-    """metrics.jsonl (one JSON object per call) + TensorBoard, and wandb behind --track."""
-
-    def __init__(self, run_dir, args=None, track=False):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.tb = SummaryWriter(str(run_dir))
-        self.wandb = None
-        if track:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--track needs wandb: pip install wandb") from None
-            self.wandb = wandb.init(project="cifar10-generative", name=Path(run_dir).name,
-                                    config=vars(args) if args else None, resume="allow")
-
-    def log(self, step, **scalars):
-        row = {"step": step, **{k: (float(v) if torch.is_tensor(v) else v) for k, v in scalars.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and k != "step":
-                self.tb.add_scalar(k, v, step)
-        if self.wandb:
-            self.wandb.log(row, step=step)
-
-    def close(self):
-        self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, fsync, rename: a crash mid-save never destroys the old file."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: DDP ranks may save the same file
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(run_or_file, model_name):
-    """Load runs/RUN/checkpoint.pt with weights_only=True; one clear UserError for every bad case."""
-    path = Path(run_or_file)
-    path = path / "checkpoint.pt" if path.is_dir() else path
-    if not path.exists():
-        raise UserError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = "it holds pickled code, which is refused" if "weights_only" in str(e).lower() or \
-            "unsupported global" in str(e).lower() else "corrupt or truncated"
-        raise UserError(f"cannot load {path}: {reason}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("model") != model_name:
-        other = ckpt.get("model") if isinstance(ckpt, dict) else None
-        raise UserError(f"{path} is a checkpoint of {other or 'something else'}, not of {model_name}")
-    return ckpt
-
-
-def load_weights(module, state_dict, path):
-    """module.load_state_dict with a clear error when the checkpoint has another architecture/width."""
-    state_dict = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state_dict.items()}
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError:
-        raise UserError(f"{path} was trained with another architecture or width than this one "
-                        "(its config.json says which)") from None
-
-
-def rng_state():
-    """Every random generator's state, in types that torch.load(weights_only=True) accepts."""
-    np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def setup_device(name="auto"):
-    """(device, rank, world_size). Under torchrun this joins the process group (NCCL or gloo)."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(name)
-    if world > 1:
-        if name == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if name == "cuda" else "gloo", device_id=device if name == "cuda" else None)
-    if name == "cuda":  # TF32 matmuls/convolutions: free speed on Ampere and newer
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device, rank, world
-
-
-def run_main(main, argv=None):
-    """Call main(argv); a UserError becomes one line on stderr and exit status 1, not a traceback."""
-    try:
-        main(argv)
-    except UserError as e:
-        prog = Path(sys.argv[0]).name
-        sys.exit(f"{prog}: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the last checkpoint.pt is intact; continue with --resume RUN")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -794,8 +550,13 @@ def compare(run_dirs, out_dir="runs"):
     return rows
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UserError(message)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("explore", "figures and statistics of a dataset"),
                        ("bench-data", "one epoch of our loader against a torchvision DataLoader")):
@@ -819,4 +580,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"common.py: error: {e}")

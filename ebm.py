@@ -54,22 +54,33 @@ References
 """
 
 import argparse
+import copy
+import importlib.util
 import json
 import math
-import resource
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.parametrizations import spectral_norm
 from tqdm import tqdm
 
 import common
 from common import UserError, non_negative_float, positive_float, positive_int
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+COMMANDS = ("resume", "sample", "eval", "inpaint", "toy", "bench")  # what to do now: never read from a run's config
 
 
 def probability(text):
@@ -79,53 +90,79 @@ def probability(text):
     return value
 
 
-def build_parser():
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    a = p.add_argument
-    a("--epochs", type=positive_int, default=100, help="passes over the training images")
-    a("--batch-size", type=positive_int, default=128, help="positives per step, summed over all processes")
-    a("--lr", type=positive_float, default=1e-4, help="Adam learning rate (IGEBM: 1e-4)")
-    a("--seed", type=int, default=1, help="random seed")
-    a("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"), help="where to train")
-    a("--data", default="cifar10", help="'cifar10' or a folder of images")
-    a("--data-root", default="data", help="where CIFAR-10 and decoded-image caches live")
-    a("--run-dir", default="runs", help="parent folder of run folders")
-    a("--name", default="default", help="experiment name, part of the run folder's name")
-    a("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (ignored elsewhere)")
-    a("--compile", action="store_true", help="torch.compile the energy network")
-    a("--track", action="store_true", help="also log to Weights & Biases")
-    a("--limit-train", type=positive_int, help="use only the first N training images")
-    a("--log-every", type=positive_int, default=10, help="log (and check for divergence) every K steps")
-    a("--width", type=positive_int, default=128, help="channels of the first ResNet stage (IGEBM: 128)")
-    # the EBM itself: loss, sampler, replay buffer, stability
-    a("--alpha", type=non_negative_float, default=1.0, help="weight of alpha (E+^2 + E-^2) (IGEBM: 1)")
-    a("--sgld-steps", type=positive_int, default=60, help="SGLD steps K per training step (IGEBM: 60)")
-    a("--sgld-step-size", type=positive_float, default=10.0, help="SGLD step size lambda (IGEBM: 10)")
-    a("--sgld-noise", type=non_negative_float, default=0.005, help="SGLD noise standard deviation (IGEBM: 0.005)")
-    a("--sgld-grad-clip", type=positive_float, default=0.01, help="clip grad_x E to +-this in SGLD (IGEBM: 0.01)")
-    a("--buffer-size", type=positive_int, default=10000, help="replay buffer size, per process (IGEBM: 10,000)")
-    a("--restart-rate", type=probability, default=0.05, help="fraction of chains restarted from U(0,1) (IGEBM: 0.05)")
-    a("--clip-grad", type=positive_float, default=0.1, help="max L2 norm of the parameter gradient")
-    a("--max-energy", type=positive_float, default=1000.0, help="|E| beyond this counts as a divergence")
-    a("--max-rollbacks", type=int, default=3, help="stop after this many rollbacks to the last good checkpoint")
-    a("--lr-drop", type=probability, default=0.5, help="multiply the learning rate by this at each rollback")
-    # commands
-    a("--resume", metavar="RUN", help="continue (or extend, with a larger --epochs) the run in this folder")
-    a("--sample", metavar="RUN", help="write RUN/samples.png and RUN/samples.npz (see --n, --steps, --chains)")
-    a("--eval", metavar="RUN", help="FID / IS / KID, energy statistics and OOD AUROCs into RUN/eval.json")
-    a("--inpaint", metavar="RUN", help="fill the centre of test images by SGLD: RUN/inpaint.png")
-    a("--toy", nargs="?", const="8gaussians", choices=("8gaussians", "rings"),
-      help="train a 2-D MLP energy on the CPU in under a minute (default data: 8gaussians)")
-    a("--bench", action="store_true", help="time training steps and sampling; write bench.json")
-    a("--n", type=positive_int, default=64, help="images for --sample / --eval / --inpaint")
-    a("--steps", type=positive_int, help="SGLD steps for --sample / --eval / --inpaint (default: --sgld-steps)")
-    a("--chains", default="buffer", choices=("buffer", "noise"),
-      help="start --sample/--eval chains from the saved replay buffer (as IGEBM's samples) or from U(0,1)")
-    a("--ood", choices=("svhn",), help="--eval: also score SVHN's test set (downloaded by torchvision)")
-    a("--fid-extractor", default="inception-v3-compat", choices=("inception-v3-compat", "tiny-random"),
-      help="feature extractor for FID / IS / KID (tiny-random: offline, for tests only)")
-    a("--fid-weights", metavar="FILE", help="a downloaded Inception weights file for FID / IS / KID")
-    return p
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                usage=argparse.SUPPRESS)  # no usage block: a bad flag is one line, exit status 2
+    # the flags every script shares
+    p.add_argument("--epochs", type=positive_int, default=100, help="passes over the training set")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per step, all processes together")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (IGEBM: 1e-4)")
+    p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], default="auto", help="where to run")
+    p.add_argument("--data", default="cifar10", help="'cifar10' or any folder of images")
+    p.add_argument("--data-root", default="data", help="where CIFAR-10 and decoded-image caches live")
+    p.add_argument("--run-dir", default="runs", help="parent folder of run folders")
+    p.add_argument("--name", default="default", help="run name, part of the run folder's name")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision on CUDA: bf16 where native, else float16 with a gradient scaler")
+    p.add_argument("--compile", action="store_true", help="torch.compile the energy network")
+    p.add_argument("--track", action="store_true", help="also log to Weights & Biases (needs wandb)")
+    p.add_argument("--limit-train", type=positive_int, help="use only the first N training images")
+    p.add_argument("--limit-test", type=positive_int, help="test images for the test energy and --eval (default: all)")
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between logged (host-synced) losses")
+    p.add_argument("--grad-clip", type=positive_float, default=0.1, help="clip the norm of the weights' gradient")
+    p.add_argument("--max-bad-steps", type=positive_int, default=10,
+                   help="roll back after this many bad steps in a row (non-finite, or |E| > --max-energy)")
+    # what to do, if not training from scratch
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (use --epochs to extend)")
+    p.add_argument("--sample", metavar="RUN", help="write RUN/samples.png and samples.npz (see --n, --steps, --chains)")
+    p.add_argument("--eval", metavar="RUN", help="FID / IS / KID, energy statistics and OOD AUROCs into RUN/eval.json")
+    p.add_argument("--inpaint", metavar="RUN", help="fill the centre of test images by SGLD: RUN/inpaint.png")
+    p.add_argument("--toy", nargs="?", const="8gaussians", choices=("8gaussians", "rings"),
+                   help="train a 2-D MLP energy on the CPU in under a minute (default data: 8gaussians)")
+    p.add_argument("--bench", action="store_true", help="measure training and sampling speed; write bench.json")
+    p.add_argument("--n", type=positive_int, default=64, help="images for --sample / --eval / --inpaint")
+    p.add_argument("--fid-extractor", default="inception-v3-compat", help="torch-fidelity feature extractor")
+    p.add_argument("--fid-weights", metavar="FILE", help="Inception weights file, for machines with no network")
+    p.add_argument("--steps", type=positive_int, help="SGLD steps for --sample / --eval / --inpaint (default: K)")
+    p.add_argument("--chains", default="buffer", choices=("buffer", "noise"),
+                   help="start --sample/--eval chains from the saved replay buffer (as IGEBM's samples) or from U(0,1)")
+    p.add_argument("--ood", choices=("svhn",), help="--eval: also score SVHN's test set (downloaded by torchvision)")
+    # the network
+    p.add_argument("--width", type=positive_int, default=128, help="channels of the first ResNet stage (IGEBM: 128)")
+    # the loss, the sampler, the replay buffer, the safety net
+    p.add_argument("--alpha", type=non_negative_float, default=1.0, help="weight of alpha (E+^2 + E-^2) (IGEBM: 1)")
+    p.add_argument("--sgld-steps", type=positive_int, default=60, help="SGLD steps K per training step (IGEBM: 60)")
+    p.add_argument("--sgld-step-size", type=positive_float, default=10.0, help="SGLD step size lambda (IGEBM: 10)")
+    p.add_argument("--sgld-noise", type=non_negative_float, default=0.005, help="SGLD noise std (IGEBM: 0.005)")
+    p.add_argument("--sgld-grad-clip", type=positive_float, default=0.01, help="clip grad_x E to +-this (IGEBM: 0.01)")
+    p.add_argument("--buffer-size", type=positive_int, default=10000,
+                   help="replay buffer size, all processes together (IGEBM: 10,000)")
+    p.add_argument("--restart-rate", type=probability, default=0.05, help="chains restarted from U(0,1) (IGEBM: 0.05)")
+    p.add_argument("--max-energy", type=positive_float, default=1000.0, help="|E| beyond this is a divergence")
+    p.add_argument("--max-rollbacks", type=int, default=3, help="stop after this many rollbacks to the last checkpoint")
+    p.add_argument("--lr-drop", type=probability, default=0.5, help="multiply the learning rate by this at a rollback")
+    args = p.parse_args(argv)
+    run = args.resume or args.sample or args.eval or args.inpaint
+    if run:  # the run's own settings become the defaults: `--resume RUN --epochs 300` keeps its width, data, ...
+        p.set_defaults(**{k: v for k, v in read_config(run).items() if k not in COMMANDS})
+        args = p.parse_args(argv)
+    args.steps = args.steps or args.sgld_steps
+    if args.max_rollbacks < 0:
+        p.error(f"--max-rollbacks must not be negative, got {args.max_rollbacks}")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        p.error("--track needs wandb: pip install wandb")
+    return args
+
+
+def read_config(run):
+    """The arguments a run was started with (its config.json)."""
+    try:
+        return json.loads((Path(run) / "config.json").read_text())["args"]
+    except FileNotFoundError:
+        raise UserError(f"{run} is not a run folder (no config.json)") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{run}/config.json is damaged (not the JSON this project writes)") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,71 +284,70 @@ class ReplayBuffer:
 # Training
 # ----------------------------------------------------------------------------------------------
 
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def autocast(args, device):
-    return torch.autocast(device.type, torch.bfloat16, enabled=bool(args.amp) and device.type == "cuda")
+def build(args, device):
+    """The energy network (channels_last on a GPU: faster convolutions), the optimiser and the gradient
+    scaler (active only for float16). No EMA: IGEBM samples with the current weights."""
+    net = EnergyNet(args.width)
+    net = net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.0, 0.999), fused=True)  # beta1 = 0 (IGEBM)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
+    return net, optimizer, scaler
 
 
-def train_step(model, energy, net, optimizer, buffer, x, args, device):
-    """One contrastive-divergence update. Returns device tensors (no host sync)."""
+def train_step(model, energy, net, optimizer, scaler, buffer, x, args, dtype):
+    """One contrastive-divergence update on a batch x (B, 3, 32, 32) in [0, 1]. Returns device tensors.
+
+    A bad step (non-finite, or |E| > --max-energy: the EBM's own sign of a blow-up) is skipped without
+    asking the host: the fused Adam kernel leaves weights, moments and step count alone where found_inf is 1.
+    """
     x_pos = (x * 255 + torch.rand_like(x)) / 256  # uniform dequantization: a density over [0, 1], not 256 spikes
     x_neg, idx = buffer.sample(len(x_pos))
     # eval: spectral norm's power iteration runs only in the update below, not 60 times per step;
     # no grad for the weights: SGLD needs grad_x E only (a compiled backward would compute both)
     net.eval().requires_grad_(False)
-    with autocast(args, device):
-        x_neg, grad_norm, _ = sgld(lambda v: energy(v).float(), x_neg, args.sgld_steps, args.sgld_step_size,
-                                   args.sgld_noise, args.sgld_grad_clip)
+    with autocast(x.device, dtype):
+        x_neg, sgld_grad_norm, _ = sgld(lambda v: energy(v).float(), x_neg, args.sgld_steps, args.sgld_step_size,
+                                        args.sgld_noise, args.sgld_grad_clip)
     net.train().requires_grad_(True)
     buffer.push(x_neg, idx)
-    with autocast(args, device):
+    with autocast(x.device, dtype):
         energies = model(torch.cat([x_pos, x_neg])).float()  # one forward for both: one DDP all-reduce
     e_pos, e_neg = energies.chunk(2)
     loss = contrastive_divergence_loss(e_pos, e_neg, args.alpha)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # float16 only: the gradients back to their true size before clipping
+    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+    bad = ~torch.isfinite(grad_norm) | ~torch.isfinite(energies).all() | (energies.abs().max() > args.max_energy)
+    if dist.is_initialized():  # every rank must skip the same steps, or their weights would part ways
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # (a device-side collective: no host sync)
+    optimizer.found_inf = bad.float()
     optimizer.step()
-    bad = ~torch.isfinite(energies).all() | (energies.abs().max() > args.max_energy)
-    return torch.stack([loss.detach(), e_pos.mean().detach(), e_neg.mean().detach(), grad_norm]), bad
-
-
-def save_checkpoint(run_dir, net, optimizer, buffer, args, epoch, step, rollbacks):
-    common.atomic_save({"model": "ebm", "args": vars(args), "net": net.state_dict(), "optimizer":
-                        optimizer.state_dict(), "buffer": buffer.samples.cpu(), "epoch": epoch, "step": step,
-                        "rollbacks": rollbacks, "rng": common.rng_state()}, Path(run_dir) / "checkpoint.pt")
-
-
-def restore(ckpt, net, optimizer, buffer, path, seed, rank):
-    """Load weights, optimiser, replay buffer and RNG from a checkpoint; returns (epoch, step, rollbacks)."""
-    common.load_weights(net, ckpt["net"], path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["buffer"].shape[1:] != buffer.samples.shape[1:]:
-        raise UserError(f"{path}: its replay buffer holds {tuple(ckpt['buffer'].shape[1:])} samples")
-    buffer.samples = ckpt["buffer"].to(buffer.samples.device)
-    common.set_rng_state(ckpt["rng"])
-    if rank > 0:  # the checkpoint holds rank 0's buffer and RNG; other ranks must draw other chains
-        torch.manual_seed(seed + 1000 * rank + ckpt["step"])
-    return ckpt["epoch"], ckpt["step"], ckpt.get("rollbacks", 0)
+    scaler.update()
+    return torch.stack([loss.detach(), e_pos.mean().detach(), e_neg.mean().detach(), sgld_grad_norm]), bad
 
 
 @torch.no_grad()
-def previews(net, energy, buffer, args, device, run_dir, epoch):
+def test_metrics(net, test_images, args, device, dtype):
+    """Mean energy of test images (at the centres of their dequantization bins): compare it with E(x+)."""
+    net.eval()  # no power iteration: measuring must not change the spectral norms (rank 0 alone measures)
+    x = (test_images.float() + 0.5) / 256
+    with autocast(device, dtype):
+        energy = torch.cat([net(b.to(device)).float() for b in x.split(args.batch_size)]).mean().item()
+    net.train()
+    return {"test_energy": energy}
+
+
+@torch.no_grad()
+def write_previews(net, run_dir, epoch, args, device, dtype, buffer):
     """Per epoch: fresh chains from fixed noise (samples/epoch_NNNN.png), the buffer, one figure of chains."""
     net.eval()
     g = torch.Generator(device=device).manual_seed(args.seed)
     x0 = torch.rand(64, 3, 32, 32, generator=g, device=device)
     every = max(1, args.sgld_steps // 10)
-    x, _, chain = sgld(energy, x0, args.sgld_steps, args.sgld_step_size, args.sgld_noise, args.sgld_grad_clip,
-                       generator=g, every=every)
+    with autocast(device, dtype):
+        x, _, chain = sgld(lambda v: net(v).float(), x0, args.sgld_steps, args.sgld_step_size, args.sgld_noise,
+                           args.sgld_grad_clip, generator=g, every=every)
     common.save_grid(x, run_dir / "samples" / f"epoch_{epoch:04d}.png")
     common.save_grid(buffer.samples[:64], run_dir / "samples" / f"buffer_{epoch:04d}.png")
     rows = [(f"chain {i + 1}", torch.stack([state[i] for state in chain])) for i in range(4)]
@@ -320,130 +356,166 @@ def previews(net, energy, buffer, args, device, run_dir, epoch):
     net.train()
 
 
-def train(args, device, rank, world):
-    common.seed_everything(args.seed + rank)  # ranks draw different chains; DDP copies rank 0's weights
-    images = common.load_images(args.data, args.data_root, "train")[: args.limit_train]
-    ckpt = common.load_checkpoint(args.resume, "ebm") if args.resume else None
-    net = EnergyNet(args.width).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.0, 0.999))  # beta1 = 0 (IGEBM)
-    buffer = ReplayBuffer(args.buffer_size, (3, 32, 32), device, args.restart_rate)
-    epoch, step, rollbacks = restore(ckpt, net, optimizer, buffer, args.resume, args.seed, rank) if ckpt else (0, 0, 0)
-    if ckpt and epoch >= args.epochs:
-        raise UserError(f"{args.resume} already has {epoch} epochs: pass --epochs N with N > {epoch}")
-    if ckpt and args.lr != ckpt["args"]["lr"]:  # a new --lr on resume wins over the optimizer state's
-        for group in optimizer.param_groups:  # (without one, a lr lowered by a rollback is kept)
-            group["lr"] = args.lr
-    energy = torch.compile(net) if args.compile else net  # the sampler's view of the network (no DDP hooks)
-    model = nn.parallel.DistributedDataParallel(energy) if world > 1 else energy
-    loader = common.DeviceLoader(images, args.batch_size // world, device, args.seed, rank, world)
+def whole_buffer(buffer, world):
+    """Every rank's share of the replay buffer, concatenated: what the checkpoint holds. Called on all ranks."""
+    if world == 1:
+        return buffer.samples
+    parts = [torch.empty_like(buffer.samples) for _ in range(world)]
+    dist.all_gather(parts, buffer.samples)
+    return torch.cat(parts)
 
-    run_dir = [common.make_run_dir("ebm", args) if rank == 0 else None]
-    if world > 1:
-        dist.broadcast_object_list(run_dir)
-    run_dir = Path(run_dir[0])
-    log = None
+
+def train(args):
+    # device and DDP
+    device, rank, world = setup_device(args)
+    dtype = amp_dtype(args, device)
+    if args.batch_size % world or args.buffer_size < world:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by, and --buffer-size at least, the "
+                        f"{world} processes")
+    # seed: the same initial weights on every rank (DDP checks it); each epoch reseeds the noise below
+    torch.manual_seed(args.seed)
+    # data
+    train_images = common.load_images(args.data, args.data_root, "train")[:args.limit_train]
+    test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
+    loader = common.DeviceLoader(train_images, args.batch_size // world, device, args.seed, rank, world)
+    # model, replay buffer, optimiser
+    net, optimizer, scaler = build(args, device)
+    energy = torch.compile(net) if args.compile else net  # the sampler's view of the network: no DDP hooks
+    model = DistributedDataParallel(energy) if world > 1 else energy
+    torch.manual_seed(args.seed * 10**9 + rank * 10**6)  # every rank starts its own chains
+    buffer = ReplayBuffer(args.buffer_size // world, (3, 32, 32), device, args.restart_rate)
+    # resume
+    start_epoch, step, rollbacks = (0, 0, 0) if not args.resume else \
+        resume(args, net, optimizer, scaler, buffer, rank, world)
+    last_good = snapshot(net, optimizer, buffer)
+    # run folder and logging (rank 0)
+    run_dir, log = open_run(args, step) if rank == 0 else (None, None)
     if rank == 0:
-        common.save_config(run_dir, args)
-        log = common.RunLog(run_dir, args, args.track)
-        print(f"run folder {run_dir}  |  {sum(p.numel() for p in net.parameters()):,} parameters  |  "
-              f"{len(images)} images, {len(loader)} steps per epoch on {world} process(es), {device}")
-        if ckpt is None:  # the first "last good checkpoint", so that even epoch 1 can roll back
-            save_checkpoint(run_dir, net, optimizer, buffer, args, epoch, step, rollbacks)
-    start, means = time.perf_counter(), {}
-
-    while epoch < args.epochs:
-        totals, bad = torch.zeros(4, device=device), torch.zeros((), dtype=torch.bool, device=device)
-        bar = tqdm(loader.epoch(epoch), total=len(loader), disable=rank != 0, leave=False, desc=f"epoch {epoch + 1}")
-        tick, tick_step, diverged = time.perf_counter(), step, False
-        epoch_start = tick
-        for i, x in enumerate(bar):
-            stats, step_bad = train_step(model, energy, net, optimizer, buffer, x, args, device)
-            totals, bad, step = totals + stats, bad | step_bad, step + 1
-            if step % args.log_every == 0 or i == len(loader) - 1:
-                if world > 1:  # every rank must agree to roll back together
-                    bad = bad.int()
-                    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-                diverged = bool(bad)
-                if diverged:
-                    break
-                loss, e_pos, e_neg, grad_norm = stats.tolist()
-                img_s = (step - tick_step) * args.batch_size / (time.perf_counter() - tick)
-                tick, tick_step = time.perf_counter(), step
-                bar.set_postfix(loss=f"{loss:.3f}", gap=f"{e_neg - e_pos:.3f}", img_s=f"{img_s:.0f}")
-                if log:
-                    log.log(step, epoch=epoch + 1, loss=loss, energy_pos=e_pos, energy_neg=e_neg, gap=e_neg - e_pos,
-                            sgld_grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], img_per_s=img_s)
-        bar.close()
-        if diverged:  # roll back to the last good checkpoint with a lower learning rate (JEM's and VAEBM's fix)
-            path = run_dir / "checkpoint.pt"
-            good = common.load_checkpoint(path, "ebm")
-            lr = optimizer.param_groups[0]["lr"] * args.lr_drop
-            if rollbacks + 1 > args.max_rollbacks:
-                raise UserError(f"the energy diverged (non-finite or |E| > {args.max_energy:g}) at step {step} after "
-                                f"{rollbacks} rollback(s); the last good checkpoint is {path} (epoch {good['epoch']}): "
-                                "try --resume with a lower --lr or a larger --alpha")
-            epoch, step, _ = restore(good, net, optimizer, buffer, path, args.seed, rank)
-            rollbacks += 1
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if log:
-                print(f"divergence: rolled back to {path} (epoch {epoch}, step {step}), lr lowered to {lr:.3g} "
-                      f"(rollback {rollbacks} of at most {args.max_rollbacks})", file=sys.stderr)
-                log.log(step, epoch=epoch, rollback=rollbacks, lr=lr)
-            continue
-        epoch += 1
-        means = dict(zip(("loss", "energy_pos", "energy_neg", "sgld_grad_norm"), (totals / len(loader)).tolist()))
-        means["gap"] = means["energy_neg"] - means["energy_pos"]  # E(x-) - E(x+): positive once data is likelier
+        print(f"run folder {run_dir}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(train_images)} training images, {len(loader)} steps per epoch on {device} x {world}, "
+              f"precision {dtype or torch.float32}")
+    # the loop
+    bad_streak = worst_streak = torch.zeros((), device=device)  # bad steps in a row, counted on the device
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        torch.manual_seed(args.seed * 10**9 + rank * 10**6 + epoch)  # each rank's and epoch's own noise: exact resume
+        tick, totals = time.perf_counter(), torch.zeros(4, device=device)
+        for i, x in enumerate(tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch}/{args.epochs}",
+                                   disable=rank != 0, leave=False)):  # x: (B, 3, 32, 32) in [0, 1], flipped
+            stats, bad = train_step(model, energy, net, optimizer, scaler, buffer, x, args, dtype)
+            step += 1
+            totals += stats
+            bad_streak = (bad_streak + 1) * bad
+            worst_streak = torch.maximum(worst_streak, bad_streak)
+            if step % args.log_every == 0 or i == len(loader) - 1:  # the only host syncs
+                if worst_streak.item() >= args.max_bad_steps:  # the EBM's own remedy (JEM's, VAEBM's): roll back
+                    rollbacks = roll_back(last_good, net, optimizer, buffer, args, step, rollbacks, run_dir, log)
+                    bad_streak = worst_streak = torch.zeros((), device=device)
+                elif rank == 0:
+                    loss, e_pos, e_neg, sgld_grad_norm = stats.tolist()
+                    log(step, epoch=epoch, loss=loss, energy_pos=e_pos, energy_neg=e_neg, gap=e_neg - e_pos,
+                        sgld_grad_norm=sgld_grad_norm, lr=optimizer.param_groups[0]["lr"],
+                        img_per_s=(i + 1) * args.batch_size / (time.perf_counter() - tick))
+        # end of epoch: evaluate, preview, checkpoint
+        samples = whole_buffer(buffer, world)
+        last_good = snapshot(net, optimizer, buffer)
         if rank == 0:
-            log.log(step, epoch=epoch, epoch_seconds=time.perf_counter() - epoch_start,
-                    lr=optimizer.param_groups[0]["lr"], **means)
-            previews(net, energy, buffer, args, device, run_dir, epoch)  # before the save: it draws noise
-            save_checkpoint(run_dir, net, optimizer, buffer, args, epoch, step, rollbacks)
-            print(f"epoch {epoch}/{args.epochs}: loss {means['loss']:.4f}  E+ {means['energy_pos']:.4f}  "
-                  f"E- {means['energy_neg']:.4f}  gap {means['gap']:.4f}  SGLD |grad| {means['sgld_grad_norm']:.4f}  "
-                  f"{time.perf_counter() - start:.0f} s")
+            seconds = time.perf_counter() - tick
+            means = dict(zip(("loss", "energy_pos", "energy_neg", "sgld_grad_norm"), (totals / len(loader)).tolist()))
+            means["gap"] = means["energy_neg"] - means["energy_pos"]  # E(x-) - E(x+): positive once data is likelier
+            test = test_metrics(net, test_images, args, device, dtype)
+            write_previews(net, run_dir, epoch, args, device, dtype, buffer)
+            log(step, epoch=epoch, epoch_seconds=seconds, lr=optimizer.param_groups[0]["lr"], **means, **test)
+            save_checkpoint(run_dir, args=vars(args), net=net.state_dict(), buffer=samples, epoch=epoch, step=step,
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rollbacks=rollbacks)
+            print(f"epoch {epoch}/{args.epochs}: loss {means['loss']:.4f}  E+ {means['energy_pos']:.4f}  E- "
+                  f"{means['energy_neg']:.4f}  gap {means['gap']:.4f}  test E {test['test_energy']:.4f}  "
+                  f"SGLD |grad| {means['sgld_grad_norm']:.4f}  ({seconds:.0f} s)")
         if world > 1:
             dist.barrier()
     if rank == 0:
-        summary = {"epochs": epoch, "steps": step, "parameters": sum(p.numel() for p in net.parameters()),
-                   "rollbacks": rollbacks, "lr": optimizer.param_groups[0]["lr"],
-                   "wall_s": time.perf_counter() - start, **{f"last_epoch_{k}": v for k, v in means.items()}}
+        summary = {"epochs": args.epochs, "steps": step, "parameters": sum(p.numel() for p in net.parameters()),
+                   "rollbacks": rollbacks, "lr": optimizer.param_groups[0]["lr"], **test,
+                   **{f"last_epoch_{k}": v for k, v in means.items()}}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         common.plot_metrics(run_dir)
         log.close()
     return run_dir
 
 
+def snapshot(net, optimizer, buffer):
+    """What a rollback returns to: a copy of the weights, the optimiser and this rank's replay buffer."""
+    return copy.deepcopy({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "buffer": buffer.samples})
+
+
+def roll_back(last_good, net, optimizer, buffer, args, step, rollbacks, run_dir, log):
+    """Back to the weights, optimiser and replay buffer of the last checkpoint, with a lower learning rate."""
+    if rollbacks >= args.max_rollbacks:
+        raise UserError(f"the energy diverged (non-finite, or |E| > {args.max_energy:g}) at step {step} after "
+                        f"{rollbacks} rollback(s); the last good checkpoint is in {args.resume or run_dir}: "
+                        "try --resume with a lower --lr or a larger --alpha")
+    lr = optimizer.param_groups[0]["lr"] * args.lr_drop
+    good = copy.deepcopy(last_good)  # the live copies below must not share memory with the snapshot
+    net.load_state_dict(good["net"])
+    optimizer.load_state_dict(good["optimizer"])
+    buffer.samples = good["buffer"]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if log:
+        print(f"divergence at step {step}: rolled back to the last checkpoint, lr lowered to {lr:.3g} (rollback "
+              f"{rollbacks + 1} of at most {args.max_rollbacks})", file=sys.stderr)
+        log(step, rollback=rollbacks + 1, lr=lr)
+    return rollbacks + 1
+
+
 # ----------------------------------------------------------------------------------------------
-# Using a trained model: sampling, evaluation with OOD detection, inpainting
+# Sampling, evaluation with OOD detection, inpainting, the 2-D toy, the benchmark
 # ----------------------------------------------------------------------------------------------
 
-def generate(net, ckpt, args, device, n):
+def load_trained(run, args, device):
+    """The run's energy network and its saved replay buffer (the chains sampling starts from)."""
+    net, _, _ = build(args, device)
+    ckpt = load_checkpoint(run)
+    load_weights(net, ckpt["net"], run)
+    return net.eval().requires_grad_(False), ckpt["buffer"]
+
+
+def draw_samples(net, buffer, n, args, device, dtype):
     """n samples: SGLD chains of --steps steps from the saved buffer (IGEBM's samples) or from noise."""
     g = torch.Generator().manual_seed(args.seed)
-    buffer = ckpt["buffer"]  # without replacement while the buffer lasts: no duplicate samples in the FID
     start = buffer[torch.randperm(len(buffer), generator=g).repeat(math.ceil(n / len(buffer)))[:n]] \
-        if args.chains == "buffer" else torch.rand(n, 3, 32, 32, generator=g)
+        if args.chains == "buffer" else torch.rand(n, 3, 32, 32, generator=g)  # (no repeats while the buffer lasts)
     torch.manual_seed(args.seed)
     out = []
     for x in start.split(args.batch_size):
-        with autocast(args, device):
+        with autocast(device, dtype):
             x, _, _ = sgld(lambda v: net(v).float(), x.to(device), args.steps, args.sgld_step_size, args.sgld_noise,
                            args.sgld_grad_clip)
         out.append(x.cpu())
     return torch.cat(out)
 
 
+def sample(args):
+    """RUN/samples.png and samples.npz (uint8, NHWC)."""
+    device, _, _ = setup_device(args)
+    net, buffer = load_trained(args.sample, args, device)
+    samples = draw_samples(net, buffer, args.n, args, device, amp_dtype(args, device))
+    common.save_grid(samples, Path(args.sample) / "samples.png")
+    np.savez_compressed(Path(args.sample) / "samples.npz", samples=common.to_uint8(samples).permute(0, 2, 3, 1).numpy())
+    print(f"wrote {len(samples)} samples ({args.chains} chains, {args.steps} SGLD steps) to "
+          f"{args.sample}/samples.png and samples.npz")
+    return samples
+
+
 @torch.no_grad()
-def energies_of(net, x, args, device):
-    with autocast(args, device):
+def energies_of(net, x, args, device, dtype):
+    with autocast(device, dtype):
         return torch.cat([net(b.to(device)).float().cpu() for b in x.split(args.batch_size)])
 
 
-def test_subset(args, n):
-    """The first n test images (a fair sample: common.py stores every split in a fixed shuffled order),
-    as float (n, 3, 32, 32) in [0, 255]."""
-    return common.load_images(args.data, args.data_root, "test")[:n].float()
+def test_subset(args, n=None):
+    """The first n test images at the centres of their dequantization bins, (n, 3, 32, 32) in [0, 1]. A fair
+    sample: common.py stores every split in a fixed shuffled order."""
+    return (common.load_images(args.data, args.data_root, "test")[:n].float() + 0.5) / 256
 
 
 def auroc(scores_in, scores_out):
@@ -476,18 +548,23 @@ def ood_sets(test, generator):
                                             for x in test])}
 
 
-def evaluate(net, ckpt, args, device, run_dir):
-    svhn = load_svhn(args.data_root, args.n) if args.ood == "svhn" else None  # fail before the slow part
-    test = (test_subset(args, args.n) + 0.5) / 256  # the centres of the dequantization bins
+def evaluate(args):
+    """FID / IS / KID of --n samples, energies of test images, samples and OOD sets, and AUROCs: RUN/eval.json."""
+    device, _, _ = setup_device(args)
+    dtype = amp_dtype(args, device)
+    net, buffer = load_trained(args.eval, args, device)
+    run_dir = Path(args.eval)
+    test = test_subset(args, args.limit_test)
+    svhn = load_svhn(args.data_root, len(test)) if args.ood == "svhn" else None  # fail before the slow part
     start = time.perf_counter()
-    samples = generate(net, ckpt, args, device, args.n)
+    samples = draw_samples(net, buffer, args.n, args, device, dtype)
     sampling_seconds_per_1000 = 1000 * (time.perf_counter() - start) / args.n
     scores = common.generative_metrics(samples, args.data, args.data_root, args.fid_extractor, args.fid_weights,
                                        device)
     sets = {"test images": test, "samples": samples, **ood_sets(test, torch.Generator().manual_seed(args.seed))}
     if svhn is not None:
         sets["svhn"] = svhn
-    energy = {name: energies_of(net, x, args, device) for name, x in sets.items()}
+    energy = {name: energies_of(net, x, args, device, dtype) for name, x in sets.items()}
     aurocs = {name: auroc(-energy["test images"], -e) for name, e in energy.items()
               if name not in ("test images", "samples")}  # score = -E(x): high means in-distribution
     result = {**scores, "steps": args.steps, "chains": args.chains, "n_test": len(test),
@@ -495,7 +572,11 @@ def evaluate(net, ckpt, args, device, run_dir):
               "energy": {k: {"mean": e.mean().item(), "std": e.std().item()} for k, e in energy.items()},
               "ood_auroc": aurocs}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    plt = pyplot()
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, e in energy.items():
         ax.hist(e.numpy(), bins=40, alpha=0.5, density=True, label=name)
@@ -511,16 +592,19 @@ def evaluate(net, ckpt, args, device, run_dir):
     return result
 
 
-def inpaint(net, args, device, run_dir, completions=3):
-    """Fill the centre 16x16 of test images by SGLD on the masked pixels only; the rest stays the data."""
-    test = ((test_subset(args, min(args.n, 10)) + 0.5) / 256).to(device)  # bin centres, as in training
+def inpaint(args, completions=3):
+    """RUN/inpaint.png: the centre 16x16 of test images filled by SGLD on those pixels only."""
+    device, _, _ = setup_device(args)
+    net, _ = load_trained(args.inpaint, args, device)
+    run_dir = Path(args.inpaint)
+    test = test_subset(args, min(args.n, 10)).to(device)
     mask = torch.zeros(1, 1, 32, 32, device=device)
     mask[..., 8:24, 8:24] = 1  # 1 = unknown pixel
     torch.manual_seed(args.seed)
     rows = [("masked", test * (1 - mask) + 0.5 * mask)]
     for c in range(completions):
         start = torch.where(mask.bool(), torch.rand_like(test), test)
-        with autocast(args, device):
+        with autocast(device, amp_dtype(args, device)):
             x, _, _ = sgld(lambda v: net(v).float(), start, args.steps, args.sgld_step_size, args.sgld_noise,
                            args.sgld_grad_clip, mask=mask)
         rows.append((f"completion {c + 1}", x))
@@ -558,11 +642,11 @@ def train_toy(name, iterations=None, seed=1):
 
 
 def toy(args):
+    """A 2-D energy trained with the same loss, sampler and buffer: RUN/toy.png and toy.json."""
+    run_dir = new_run_dir(args, "toy")
     start = time.perf_counter()
     net, buffer = train_toy(args.toy, seed=args.seed)
     wall = time.perf_counter() - start
-    run_dir = Path(args.run_dir) / f"ebm__toy-{args.toy}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=False)
     box, n = TOY["box"], 200
     axis = torch.linspace(-box, box, n)
     grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
@@ -572,7 +656,11 @@ def toy(args):
         e_on_data = net(data)
         e_data, e_noise = e_on_data.mean().item(), net(buffer.noise(2000, (2,), "cpu")).mean().item()
     density = torch.exp(-(energy - energy.min()))
-    plt = pyplot()
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     axes[0].scatter(*data.T, s=2), axes[0].set_title(f"data: {args.toy}")
     axes[1].imshow(density.numpy(), extent=(-box, box, -box, box), origin="lower")
@@ -594,75 +682,237 @@ def toy(args):
     return run_dir
 
 
-def bench(args, device, warmup=1, timed=3):
-    """Training steps (after warm-up) and full-length sampling chains, timed; written to bench.json."""
+def bench(args, repeats=3):
+    """Training steps (the real train_step: K SGLD steps and the update, same optimiser, precision and
+    compilation) and sampled images per second, peak memory and projections: runs/ebm-bench__.../bench.json."""
+    device, _, _ = setup_device(args)
+    dtype = amp_dtype(args, device)
     torch.manual_seed(args.seed)
-    net = EnergyNet(args.width).to(device)
+    net, optimizer, scaler = build(args, device)
     energy = torch.compile(net) if args.compile else net
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.0, 0.999))
     buffer = ReplayBuffer(max(args.batch_size, 256), (3, 32, 32), device, args.restart_rate)
     x = torch.rand(args.batch_size, 3, 32, 32, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for i in range(warmup + timed):
-        if i == warmup:
-            sync()
-            start = time.perf_counter()
-        train_step(energy, energy, net, optimizer, buffer, x, args, device)
-    sync()
-    step_s = (time.perf_counter() - start) / timed
-    start = time.perf_counter()
-    with autocast(args, device):
-        sgld(lambda v: energy(v).float(), x, args.sgld_steps, args.sgld_step_size, args.sgld_noise, args.sgld_grad_clip)
-    sync()
-    sample_s = time.perf_counter() - start
-    cuda = device.type == "cuda"
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
-              "width": args.width, "batch_size": args.batch_size, "sgld_steps": args.sgld_steps,
-              "parameters": sum(p.numel() for p in net.parameters()),
-              "train_step_s": step_s, "train_images_per_s": args.batch_size / step_s,
-              "sample_images_per_s": args.batch_size / sample_s, "peak_memory_gib": peak / 2**30,
-              "projected_hours_200_epochs": 200 * 50000 / (args.batch_size / step_s) / 3600,
-              "amp": bool(args.amp) and cuda, "compile": args.compile}
-    run_dir = Path(args.resume) if args.resume else Path(args.run_dir) / f"ebm__bench__{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+    def chains():
+        with autocast(device, dtype):
+            sgld(lambda v: energy(v).float(), x, args.sgld_steps, args.sgld_step_size, args.sgld_noise,
+                 args.sgld_grad_clip)
+
+    train_s = seconds_per_call(lambda: train_step(energy, energy, net, optimizer, scaler, buffer, x, args, dtype),
+                               repeats)
+    sample_s = seconds_per_call(chains, 1)
+    result = {**machine(device), "parameters": sum(p.numel() for p in net.parameters()), "width": args.width,
+              "precision": str(dtype or torch.float32).removeprefix("torch."), "compile": args.compile,
+              "batch_size": args.batch_size, "sgld_steps": args.sgld_steps, "train_step_s": train_s,
+              "train_images_per_s": args.batch_size / train_s, "sample_images_per_s": args.batch_size / sample_s,
+              "nfe_per_sample": args.sgld_steps,
+              "projected_hours_200_epochs": 200 * 50_000 * train_s / args.batch_size / 3600}
+    run_dir = new_run_dir(args, "bench")
     (run_dir / "bench.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    print(f"wrote {run_dir / 'bench.json'}")
+    print(json.dumps(result, indent=2) + f"\nwrote {run_dir}/bench.json")
     return result
 
 
+# ----------------------------------------------------------------------------------------------
+# The run: device and precision, run folder, log, checkpoints (told the same way in all three model files)
+# ----------------------------------------------------------------------------------------------
+
+def setup_device(args):
+    """(device, rank, world size). Under torchrun every process joins the group and takes its own GPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    name = args.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: not available on this machine")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    if name == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # free speed on Ampere+
+    if world > 1:
+        dist.init_process_group("nccl" if name == "cuda" else "gloo", device_id=device if name == "cuda" else None)
+    return device, rank, world
+
+
+def amp_dtype(args, device):
+    """The autocast precision, or None for float32. bf16 on GPUs built for it (compute capability 8 and up:
+    A100, RTX 30xx/40xx, H100); float16 with a gradient scaler on older ones (T4, V100), where bf16 would be
+    emulated, far slower; float32 on the CPU and MPS."""
+    if not args.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def new_run_dir(args, kind=""):
+    """runs/ebm__<name>__<seed>__<time>/ (ebm-bench__..., ebm-toy__... for those commands), made here."""
+    model = f"ebm-{kind}" if kind else "ebm"
+    run_dir = Path(args.run_dir) / f"{model}__{args.name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"--run-dir {args.run_dir}: cannot make {run_dir} ({e.strerror})") from None
+    return run_dir
+
+
+def open_run(args, step):
+    """The run folder (new, or the one resumed) with config.json, and its log. Rank 0 only."""
+    run_dir = Path(args.resume) if args.resume else new_run_dir(args)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    config = {"args": vars(args), "torch": torch.__version__, "cuda": torch.version.cuda, "git_commit": commit,
+              "command": " ".join(sys.argv)}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (run_dir / "checkpoint.pt.tmp").unlink(missing_ok=True)  # what a crash during a save leaves behind
+    return run_dir, Log(run_dir, args, step)
+
+
+class Log:
+    """metrics.jsonl (one JSON object per row) and TensorBoard; Weights & Biases too with --track.
+
+    On resume the rows after the checkpoint's step are dropped (and purged from TensorBoard): those
+    steps are trained again, so the log reads as if the run had never stopped.
+    """
+
+    def __init__(self, run_dir, args, step):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / "metrics.jsonl"
+        if step and self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.endswith("}")]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
+        self.tensorboard = SummaryWriter(run_dir, purge_step=step + 1 if step else None)
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project="cifar10-generative", name=run_dir.name, id=run_dir.name,
+                                    resume="allow", config=vars(args))
+
+    def __call__(self, step, **row):
+        row = {"step": step, **row}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step":
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(row, step=step)
+
+    def close(self):
+        self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def save_checkpoint(run_dir, **state):
+    """checkpoint.pt, atomically: written to a temporary file, flushed to disk, then renamed over the old
+    one, so that a crash during a save never destroys the last good checkpoint."""
+    tmp = run_dir / "checkpoint.pt.tmp"
+    with open(tmp, "wb") as f:
+        torch.save({"model": "ebm", **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / "checkpoint.pt")
+
+
+def load_checkpoint(run):
+    """RUN/checkpoint.pt, read with weights_only=True: a file with pickled code in it is refused, not run."""
+    path = Path(run) / "checkpoint.pt"
+    if not path.is_file():
+        raise UserError(f"no checkpoint.pt in {run}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = "it holds pickled objects other than tensors (refused)" if "Unsupported global" in str(e) else \
+            "corrupt or truncated"
+        raise UserError(f"cannot load {path}: {reason}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("model") != "ebm":
+        raise UserError(f"{path} is not a checkpoint of ebm.py")
+    return ckpt
+
+
+def load_weights(module, state_dict, run):
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError:
+        raise UserError(f"{run} holds a network of another width or architecture (see its config.json)") from None
+
+
+def resume(args, net, optimizer, scaler, buffer, rank, world):
+    """Load RUN/checkpoint.pt into the model and this rank's share of the replay buffer; returns (epoch, step,
+    rollbacks). No random state is needed: every epoch reseeds from (seed, rank, epoch), so resuming at an
+    epoch boundary redraws exactly the same noise."""
+    ckpt = load_checkpoint(args.resume)
+    if ckpt["epoch"] >= args.epochs:
+        raise UserError(f"{args.resume} already has {ckpt['epoch']} epochs: pass --epochs N with N > {ckpt['epoch']}")
+    load_weights(net, ckpt["net"], args.resume)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    for p in net.parameters():  # moments laid out like their weights: a channels_last (GPU) checkpoint goes
+        for key, value in optimizer.state[p].items():  # to the CPU, whose fused Adam assumes equal layouts
+            if value.shape == p.shape:
+                optimizer.state[p][key] = torch.empty_like(p).copy_(value)
+    if args.lr != ckpt["args"]["lr"]:  # --lr given on resume wins over the optimiser's (perhaps rolled-back) one
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
+    if ckpt["buffer"].shape[1:] != buffer.samples.shape[1:]:
+        raise UserError(f"{args.resume}: its replay buffer holds samples of shape {tuple(ckpt['buffer'].shape[1:])}")
+    buffer.samples = ckpt["buffer"].tensor_split(world)[rank].to(buffer.samples.device)  # any number of processes
+    return ckpt["epoch"], ckpt["step"], ckpt["rollbacks"]
+
+
+def seconds_per_call(fn, repeats):
+    """Mean wall time of fn() after one warm-up call (allocator, cuDNN autotuning, compilation)."""
+    fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def machine(device):
+    """What a benchmark ran on, and its peak memory so far (GPU: allocated; CPU: resident set, Unix only)."""
+    import resource
+
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    return {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "peak_memory_gib": peak / 2**30}
+
+
 def main(argv=None):
-    args = common.parse_args(build_parser(), argv)
-    args.steps = args.steps or args.sgld_steps
+    args = parse_args(argv)
     if args.toy:
         return toy(args)
-    if args.sgld_noise < 0 or args.alpha < 0 or args.max_rollbacks < 0:
-        raise UserError("--sgld-noise, --alpha and --max-rollbacks must not be negative")
-    device, rank, world = common.setup_device(args.device)
+    if args.sample:
+        return sample(args)
+    if args.eval:
+        return evaluate(args)
+    if args.inpaint:
+        return inpaint(args)
     if args.bench:
-        return bench(args, device)
-    run_dir = args.sample or args.eval or args.inpaint
-    if run_dir:
-        ckpt, net = common.load_checkpoint(run_dir, "ebm"), EnergyNet(args.width).to(device).eval()
-        common.load_weights(net, ckpt["net"], run_dir)
-        run_dir = Path(run_dir)
-        if args.eval:
-            return evaluate(net, ckpt, args, device, run_dir)
-        if args.inpaint:
-            return inpaint(net, args, device, run_dir)
-        samples = generate(net, ckpt, args, device, args.n)
-        common.save_grid(samples, run_dir / "samples.png")
-        import numpy as np
-
-        np.savez_compressed(run_dir / "samples.npz", samples=common.to_uint8(samples).permute(0, 2, 3, 1).numpy())
-        print(f"wrote {len(samples)} samples ({args.chains} chains, {args.steps} SGLD steps) to "
-              f"{run_dir / 'samples.png'} and samples.npz")
-        return samples
-    if args.batch_size < world:
-        raise UserError(f"--batch-size {args.batch_size} is smaller than the {world} processes")
-    return train(args, device, rank, world)
+        return bench(args)
+    return train(args)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    try:
+        main()
+    except UserError as e:  # bad input, or a run that diverged: one line on stderr and exit status 1
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the last checkpoint.pt is intact; continue with --resume RUN")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -36,20 +36,29 @@ Reported CIFAR-10 numbers (theirs): NCSN IS 8.87, FID 25.32; NCSNv2 FID 10.87, I
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
-import resource
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import common
-from common import UserError, positive_float, positive_int
+from common import UserError, non_negative_float, positive_float, positive_int
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
 
 PRESETS = {  # the flags each paper fixes; anything given on the command line wins
     "ncsnv2": dict(sigma_max=50.0, sigma_min=0.01, num_scales=232, steps_per_level=5, step_eps=6.2e-6,
@@ -57,13 +66,15 @@ PRESETS = {  # the flags each paper fixes; anything given on the command line wi
     "ncsn2019": dict(sigma_max=1.0, sigma_min=0.01, num_scales=10, steps_per_level=100, step_eps=2e-5,
                      lr=1e-3, ema=0.0, denoise=False, score_param="embed"),
 }
+COMMANDS = ("resume", "sample", "eval", "inpaint", "toy", "bench")  # what to do now: never read from a run's config
 
 
-def build_parser(preset="ncsnv2"):
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, default="ncsnv2", help="paper recipe: ncsnv2 (default) or ncsn2019")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                usage=argparse.SUPPRESS)  # no usage block: a bad flag is one line, exit status 2
+    # the flags every script shares
     p.add_argument("--epochs", type=positive_int, default=200, help="passes over the training set")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="images per step, all GPUs together")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per step, all processes together")
     p.add_argument("--lr", type=positive_float, help="Adam learning rate (NCSNv2: 1e-4; 1e-3 blows up with f/sigma)")
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], default="auto", help="where to run")
@@ -71,11 +82,16 @@ def build_parser(preset="ncsnv2"):
     p.add_argument("--data-root", default="data", help="where CIFAR-10 and decoded-image caches live")
     p.add_argument("--run-dir", default="runs", help="parent folder of run folders")
     p.add_argument("--name", default="default", help="run name, part of the run folder's name")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision on CUDA: bf16 where native, else float16 with a gradient scaler")
     p.add_argument("--compile", action="store_true", help="torch.compile the score network")
     p.add_argument("--track", action="store_true", help="also log to Weights & Biases (needs wandb)")
     p.add_argument("--limit-train", type=positive_int, help="use only the first N training images")
+    p.add_argument("--limit-test", type=positive_int, default=1000, help="test images for the per-epoch DSM loss")
     p.add_argument("--log-every", type=positive_int, default=50, help="steps between logged (host-synced) losses")
+    p.add_argument("--ema", type=float, help="EMA decay of the weights (0: no EMA)")
+    p.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--max-bad-steps", type=positive_int, default=100, help="stop after this many non-finite steps")
     # what to do, if not training from scratch
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (use --epochs to extend)")
     p.add_argument("--sample", metavar="RUN", help="draw --n samples from this run's EMA model")
@@ -84,30 +100,53 @@ def build_parser(preset="ncsnv2"):
     p.add_argument("--toy", action="store_true", help="the NCSN paper's 2-D mixture experiment (CPU, < 1 min)")
     p.add_argument("--bench", action="store_true", help="measure training and sampling speed; write bench.json")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples for --sample / --eval / --inpaint")
+    p.add_argument("--fid-extractor", default="inception-v3-compat", help="torch-fidelity feature extractor")
+    p.add_argument("--fid-weights", metavar="FILE", help="Inception weights file, for machines with no network")
     # the network
+    p.add_argument("--preset", choices=PRESETS, default="ncsnv2", help="paper recipe: ncsnv2 (default) or ncsn2019")
     p.add_argument("--width", type=positive_int, default=128, help="channels at 32x32 (128: 34.2M parameters)")
     p.add_argument("--channel-mult", default="1,2,2,2", help="channel multiplier per resolution 32,16,8,4")
     p.add_argument("--num-res-blocks", type=positive_int, default=2, help="residual blocks per resolution")
     p.add_argument("--score-param", choices=["divide", "embed"], help="s = f(x, sigma) / sigma, or s = f(x, sigma)")
-    # noise levels, training and sampling (defaults come from --preset)
+    # noise levels and the sampler (defaults come from --preset)
     p.add_argument("--sigma-max", type=positive_float, help="largest noise level sigma_1")
     p.add_argument("--sigma-min", type=positive_float, help="smallest noise level sigma_L")
     p.add_argument("--num-scales", type=positive_int, help="number of noise levels L")
     p.add_argument("--steps-per-level", type=positive_int, help="Langevin steps T at each level")
     p.add_argument("--step-eps", type=positive_float, help="eps in alpha_i = eps sigma_i^2 / sigma_L^2")
     p.add_argument("--denoise", action=argparse.BooleanOptionalAction, help="final Tweedie denoising step")
-    p.add_argument("--ema", type=float, help="EMA decay of the weights (0: no EMA)")
-    p.add_argument("--grad-clip", type=common.non_negative_float, default=1.0, help="clip the gradient norm (0: off)")
-    p.add_argument("--max-bad-steps", type=positive_int, default=20, help="stop after this many non-finite steps")
-    p.add_argument("--test-images", type=positive_int, default=1000, help="test images for the per-epoch DSM loss")
     p.add_argument("--sample-batch", type=positive_int, default=1000, help="images per sampler batch")
     p.add_argument("--preview-levels", type=positive_int, default=100,
                    help="per-epoch preview grids use this many levels, one step each (cheaper than the sampler)")
-    p.add_argument("--fid-extractor", default="inception-v3-compat", choices=["inception-v3-compat", "tiny-random"],
-                   help="torch-fidelity feature extractor; tiny-random is an offline test net (not comparable)")
-    p.add_argument("--fid-weights", metavar="FILE", help="Inception weights file, for machines with no network")
-    p.set_defaults(**PRESETS[preset])
-    return p
+    args = p.parse_args(argv)
+    run = args.resume or args.sample or args.eval or args.inpaint
+    if run:  # the run's own settings become the defaults: `--resume RUN --epochs 300` keeps its width, data, ...
+        p.set_defaults(**{k: v for k, v in read_config(run).items() if k not in COMMANDS})
+        args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():  # the preset fills what is still unset
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    mult = str(args.channel_mult).split(",")
+    if args.width % 2 or not all(m.isdigit() and int(m) > 0 for m in mult) or len(mult) > 5:
+        p.error(f"--width must be even and --channel-mult 1 to 5 positive integers such as 1,2,2,2; got "
+                f"--width {args.width} --channel-mult {args.channel_mult}")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema must be in [0, 1), got {args.ema}")
+    if args.sigma_min >= args.sigma_max:
+        p.error(f"--sigma-min {args.sigma_min:g} must be below --sigma-max {args.sigma_max:g}: the noise anneals down")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        p.error("--track needs wandb: pip install wandb")
+    return args
+
+
+def read_config(run):
+    """The arguments a run was started with (its config.json)."""
+    try:
+        return json.loads((Path(run) / "config.json").read_text())["args"]
+    except FileNotFoundError:
+        raise UserError(f"{run} is not a run folder (no config.json)") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{run}/config.json is damaged (not the JSON this project writes)") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +251,7 @@ class ScoreNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# The loss and the sampler
+# The loss
 # ----------------------------------------------------------------------------------------------
 
 def dsm_loss(score_net, x, sigmas, levels=None, noise=None):
@@ -229,6 +268,10 @@ def dsm_loss(score_net, x, sigmas, levels=None, noise=None):
     return 0.5 * (sigma * score + z).pow(2).flatten(1).sum(1)
 
 
+# ----------------------------------------------------------------------------------------------
+# The sampler
+# ----------------------------------------------------------------------------------------------
+
 def tweedie_denoise(score_net, x, sigma):
     """E[x_clean | x] = x + sigma^2 grad log p_sigma(x) (Tweedie's formula): the final denoising step."""
     return x + sigma**2 * score_net(x, sigma.expand(len(x))).float()
@@ -241,28 +284,287 @@ def annealed_langevin(score_net, x, sigmas, steps, eps, denoise=True, observed=N
     The update x <- x + alpha s + sqrt(2 alpha) z follows the papers' code; Alg. 1 in the paper
     writes the same chain as x + alpha/2 s + sqrt(alpha) z, i.e. with a step twice as large.
     alpha_i = eps sigma_i^2 / sigma_L^2 scales the step with the level, so that the signal-to-noise
-    ratio of each update is the same at every level. For inpainting, the observed pixels (mask True)
-    are replaced at every step by the observation noised to the current level. Returns the samples
-    and a snapshot after each level index in `record`.
+    ratio of each update is the same at every level. For inpainting (mask True = observed), before
+    every step the observed pixels are set to the observation noised afresh to the current level, so
+    that the free pixels always see a sample of p_sigma consistent with it (the papers' code). Returns
+    the samples and a snapshot after each level index in `record`.
     """
     snapshots = []
     for i, sigma in enumerate(sigmas):
         alpha = eps * (sigma / sigmas[-1]) ** 2
         sigma_batch = sigma.expand(len(x))
-        if mask is not None:
-            noisy_observed = observed + sigma * torch.randn(x.shape, generator=generator, device=x.device)
         for _ in range(steps):
+            if mask is not None:
+                noisy = observed + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+                x = torch.where(mask, noisy, x)
             z = torch.randn(x.shape, generator=generator, device=x.device)
             x = x + alpha * score_net(x, sigma_batch).float() + (2 * alpha).sqrt() * z
-            if mask is not None:
-                x = torch.where(mask, noisy_observed, x)
         if i in record:
             snapshots.append(x.clone())
+    if mask is not None:
+        x = torch.where(mask, observed + sigmas[-1] * torch.randn(x.shape, generator=generator, device=x.device), x)
     if denoise:
         x = tweedie_denoise(score_net, x, sigmas[-1])
     if mask is not None:
         x = torch.where(mask, observed, x)
     return x, snapshots
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+def build(args, device):
+    """The score network (channels_last on a GPU: faster convolutions), its EMA copy, the optimiser and the
+    gradient scaler (active only for float16)."""
+    mult = tuple(int(m) for m in str(args.channel_mult).split(","))
+    net = ScoreNet(args.width, mult, args.num_res_blocks, args.score_param)
+    net = net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, fused=True)  # fused: one kernel, and found_inf
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
+    return net, ema, optimizer, scaler
+
+
+@torch.no_grad()  # the average is not part of any graph (under autograd it would grow one per step)
+def update_ema(ema, net, decay, step):
+    """ema <- d ema + (1 - d) net, tensor by tensor (NCSNv2 technique 5), with d = min(decay, (1 + step) /
+    (10 + step)): early on the average forgets its random start quickly; after ~9,000 steps d = decay."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - d)
+
+
+def train_step(model, net, optimizer, scaler, x, sigmas, args, dtype):
+    """One Adam step on the DSM loss of a batch x (B, 3, 32, 32) in [0, 1]. Returns device tensors.
+
+    A step whose gradient is not finite is skipped without asking the host (which would stall the GPU):
+    the fused Adam kernel leaves weights, moments and step count alone where found_inf is 1.
+    """
+    with autocast(x.device, dtype):
+        loss = dsm_loss(model, x, sigmas).mean()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # float16 only: the gradients back to their true size before clipping
+    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf)
+    bad = ~torch.isfinite(grad_norm)
+    optimizer.found_inf = bad.float()
+    optimizer.step()
+    scaler.update()
+    return loss.detach(), grad_norm, bad
+
+
+@torch.inference_mode()
+def test_metrics(net, test_images, args, device, dtype, buckets=4):
+    """DSM loss on test images with fixed noise, per quarter of the noise levels (largest sigmas first)."""
+    g = torch.Generator(device=device).manual_seed(1234)
+    sigmas = noise_levels(args).to(device)
+    edges = torch.linspace(0, len(sigmas), buckets + 1).long().tolist()
+    totals = torch.zeros(buckets, device=device)
+    x = test_images.to(device).float() / 255
+    for i in range(0, len(x), 500):
+        batch = x[i:i + 500]
+        for b in range(buckets):
+            lo, hi = edges[b], max(edges[b + 1], edges[b] + 1)
+            levels = torch.randint(lo, hi, (len(batch),), generator=g, device=device)
+            noise = torch.randn(batch.shape, generator=g, device=device)
+            with autocast(device, dtype):
+                totals[b] += dsm_loss(net, batch, sigmas, levels, noise).sum()
+    per_bucket = (totals / len(x)).tolist()
+    return {"test_dsm": sum(per_bucket) / buckets, **{f"test_dsm_q{b + 1}": v for b, v in enumerate(per_bucket)}}
+
+
+def write_previews(net, run_dir, epoch, args, device, dtype):
+    """samples/epoch_NNNN.png from fixed noise, by a cheaper sampler: --preview-levels levels, one step each."""
+    x, _ = draw_samples(net, 64, args, device, dtype, seed=0, preview=True)
+    common.save_grid(x, run_dir / "samples" / f"epoch_{epoch:04d}.png", nrow=8)
+
+
+def train(args):
+    # device and DDP
+    device, rank, world = setup_device(args)
+    dtype = amp_dtype(args, device)
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    # seed: the same initial weights on every rank (DDP checks it); each epoch reseeds the noise below
+    torch.manual_seed(args.seed)
+    # data
+    train_images = common.load_images(args.data, args.data_root, "train")[:args.limit_train]
+    test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
+    loader = common.DeviceLoader(train_images, args.batch_size // world, device, args.seed, rank, world)
+    # model, EMA, optimiser
+    net, ema, optimizer, scaler = build(args, device)
+    model = torch.compile(net) if args.compile else net
+    model = DistributedDataParallel(model) if world > 1 else model
+    # resume
+    start_epoch, step = resume(args, net, ema, optimizer, scaler) if args.resume else (0, 0)
+    # run folder and logging (rank 0)
+    run_dir, log = open_run(args, step) if rank == 0 else (None, None)
+    if rank == 0:
+        print(f"run folder {run_dir}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(train_images)} training images, {len(loader)} steps per epoch on {device} x {world}, "
+              f"precision {dtype or torch.float32}")
+        print(f"NCSNv2 technique 1: the largest distance between {min(2000, len(train_images))} training images "
+              f"is {common.largest_distance(train_images, 2000):.1f}; sigma_1 = {args.sigma_max:g}")
+        if step == 0:  # the baseline: a zero score (the initial network) gives D/2
+            log(0, epoch=0, **test_metrics(ema, test_images, args, device, dtype))
+    # the loop
+    sigmas = noise_levels(args).to(device)
+    bad_streak = worst_streak = torch.zeros((), device=device)  # non-finite steps in a row, counted on the device
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        torch.manual_seed(args.seed * 10**9 + rank * 10**6 + epoch)  # each rank's and epoch's own noise: exact resume
+        tick = time.perf_counter()
+        for i, x in enumerate(tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch}/{args.epochs}",
+                                   disable=rank != 0, leave=False)):  # x: (B, 3, 32, 32) in [0, 1], flipped
+            loss, grad_norm, bad = train_step(model, net, optimizer, scaler, x, sigmas, args, dtype)
+            update_ema(ema, net, args.ema, step)
+            step += 1
+            bad_streak = (bad_streak + 1) * bad
+            worst_streak = torch.maximum(worst_streak, bad_streak)
+            if step % args.log_every == 0 or i == len(loader) - 1:  # the only host syncs
+                if worst_streak.item() >= args.max_bad_steps:
+                    raise UserError(f"training diverged: {args.max_bad_steps} non-finite steps in a row by step "
+                                    f"{step}; the last good checkpoint is in {args.resume or run_dir}: resume it "
+                                    "with a lower --lr")
+                if rank == 0:
+                    log(step, epoch=epoch, loss=loss.item(), grad_norm=grad_norm.item(), lr=args.lr,
+                        img_per_s=(i + 1) * args.batch_size / (time.perf_counter() - tick))
+        # end of epoch: evaluate, preview, checkpoint
+        if rank == 0:
+            seconds = time.perf_counter() - tick
+            test = test_metrics(ema, test_images, args, device, dtype)
+            write_previews(ema, run_dir, epoch, args, device, dtype)
+            log(step, epoch=epoch, epoch_seconds=seconds, **test)
+            save_checkpoint(run_dir, args=vars(args), net=net.state_dict(), ema=ema.state_dict(), epoch=epoch,
+                            step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+            print(f"epoch {epoch}/{args.epochs}  step {step}  train loss {loss.item():.3f}  test DSM "
+                  f"{test['test_dsm']:.3f}  ({seconds:.0f} s, {len(loader) * args.batch_size / seconds:.0f} img/s)")
+        if world > 1:
+            dist.barrier()
+    if rank == 0:
+        summary = {"epochs": args.epochs, "steps": step, **test, "parameters": sum(p.numel() for p in net.parameters())}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        common.plot_metrics(run_dir)
+        log.close()
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling, evaluation, inpainting, the benchmark
+# ----------------------------------------------------------------------------------------------
+
+def load_trained(run, args, device):
+    """The run's score network with its EMA weights: every sample and evaluation uses them."""
+    net, _, _, _ = build(args, device)
+    load_weights(net, load_checkpoint(run)["ema"], run)
+    return net.eval().requires_grad_(False)
+
+
+def sampler_settings(args, device, preview=False):
+    """The paper's sampler, or for per-epoch previews a cheaper one: fewer levels, one step each."""
+    levels = min(args.preview_levels, args.num_scales) if preview else args.num_scales
+    return dict(sigmas=noise_levels(args, levels).to(device),
+                steps=1 if preview else args.steps_per_level, eps=args.step_eps, denoise=args.denoise)
+
+
+@torch.inference_mode()
+def draw_samples(net, n, args, device, dtype, seed=0, record=(), preview=False):
+    """n samples (float, unclamped) from x_0 ~ U[0, 1]^D, in batches of --sample-batch."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    out, snaps = [], []
+    for i in range(0, n, args.sample_batch):
+        x0 = torch.rand(min(args.sample_batch, n - i), 3, 32, 32, generator=g, device=device)
+        with autocast(device, dtype):
+            x, s = annealed_langevin(net, x0, **sampler_settings(args, device, preview), record=record, generator=g)
+        out.append(x)
+        snaps = snaps or s
+    return torch.cat(out), snaps
+
+
+def sample(args):
+    """RUN/samples.png, samples.npz (uint8, NHWC) and trajectory.png (eight chains, largest noise first)."""
+    device, _, _ = setup_device(args)
+    net = load_trained(args.sample, args, device)
+    record = sorted({round(i * (args.num_scales - 1) / 7) for i in range(8)})  # about eight levels along the chain
+    x, snaps = draw_samples(net, args.n, args, device, amp_dtype(args, device), seed=args.seed, record=record)
+    out = Path(args.sample)
+    common.save_grid(x, out / "samples.png")
+    np.savez_compressed(out / "samples.npz", samples=common.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
+    sigmas = noise_levels(args)
+    rows = [(f"sigma={sigmas[i]:.3g}", s[:8]) for i, s in zip(record, snaps)] + [("final", x[:8])]
+    common.save_rows(rows, out / "trajectory.png", title="annealed Langevin: the same chains, largest noise first")
+    print(f"wrote {args.n} samples to {out}/samples.png, samples.npz and trajectory.png")
+
+
+def evaluate(args):
+    """FID / IS / KID of --n samples, the test DSM loss, and the sampler's cost, into RUN/eval.json."""
+    device, _, _ = setup_device(args)
+    dtype = amp_dtype(args, device)
+    net = load_trained(args.eval, args, device)
+    start = time.perf_counter()
+    x, _ = draw_samples(net, args.n, args, device, dtype, seed=args.seed)
+    seconds = time.perf_counter() - start
+    scores = common.generative_metrics(x, args.data, args.data_root, args.fid_extractor, args.fid_weights, device)
+    test = test_metrics(net, common.load_images(args.data, args.data_root, "test")[:args.limit_test], args, device,
+                        dtype)
+    nfe = args.num_scales * args.steps_per_level + int(args.denoise)
+    result = {**scores, **test, "sampling_seconds_per_1000": 1000 * seconds / args.n, "nfe_per_sample": nfe}
+    (Path(args.eval) / "eval.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+def inpaint(args):
+    """RUN/inpaint_right_half.png and inpaint_centre.png: masked test images, four completions, the originals."""
+    device, _, _ = setup_device(args)
+    net = load_trained(args.inpaint, args, device)
+    y = (common.load_images(args.data, args.data_root, "test")[:8].float() / 255).to(device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    masks = {"right_half": torch.zeros(1, 1, 32, 32, dtype=torch.bool, device=device),
+             "centre": torch.ones(1, 1, 32, 32, dtype=torch.bool, device=device)}
+    masks["right_half"][..., :16] = True  # True = observed
+    masks["centre"][..., 8:24, 8:24] = False
+    for name, mask in masks.items():
+        mask = mask.expand_as(y)
+        rows = [("masked", torch.where(mask, y, 0.5))]
+        for k in range(4):
+            with torch.inference_mode(), autocast(device, amp_dtype(args, device)):
+                x, _ = annealed_langevin(net, torch.rand(y.shape, generator=g, device=device), observed=y,
+                                         mask=mask, generator=g, **sampler_settings(args, device))
+            rows.append((f"completion {k + 1}", x))
+        rows.append(("original", y))
+        common.save_rows(rows, Path(args.inpaint) / f"inpaint_{name}.png", title=f"inpainting: {name}")
+    print(f"wrote {args.inpaint}/inpaint_right_half.png and inpaint_centre.png")
+
+
+def bench(args, repeats=5):
+    """Training steps (the real train_step: same optimiser, precision and compilation) and score evaluations
+    per second, peak memory and projections; printed and written to runs/ncsn__bench__.../bench.json."""
+    device, _, _ = setup_device(args)
+    dtype = amp_dtype(args, device)
+    torch.manual_seed(args.seed)
+    net, _, optimizer, scaler = build(args, device)
+    model = torch.compile(net) if args.compile else net
+    sigmas = noise_levels(args).to(device)
+    x = torch.rand(args.batch_size, 3, 32, 32, device=device)
+    xs = torch.rand(args.sample_batch, 3, 32, 32, device=device)
+
+    def score_evals():
+        with torch.inference_mode(), autocast(device, dtype):
+            model(xs, sigmas[:1].expand(len(xs)))
+
+    train_s = seconds_per_call(lambda: train_step(model, net, optimizer, scaler, x, sigmas, args, dtype), repeats)
+    eval_s = seconds_per_call(score_evals, repeats)
+    nfe = args.num_scales * args.steps_per_level + int(args.denoise)
+    result = {**machine(device), "parameters": sum(p.numel() for p in net.parameters()), "width": args.width,
+              "precision": str(dtype or torch.float32).removeprefix("torch."), "compile": args.compile,
+              "batch_size": args.batch_size, "train_images_per_s": args.batch_size / train_s,
+              "sample_batch": args.sample_batch, "score_evals_per_s": args.sample_batch / eval_s,
+              "nfe_per_sample": nfe,
+              "projected_hours_200_epochs": 200 * 50_000 * train_s / args.batch_size / 3600,
+              "projected_hours_50k_samples": 50_000 * nfe * eval_s / args.sample_batch / 3600}
+    run_dir = new_run_dir(args, "bench")
+    (run_dir / "bench.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) + f"\nwrote {run_dir}/bench.json")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,9 +594,10 @@ def share_in_first_mode(x):
     return (x.sum(1) > 0).float().mean().item()  # the (5, 5) side of the line x + y = 0
 
 
-def toy_experiment(run_dir, n=1280, seed=0):
+def toy(args, n=1280):
     """Plain vs annealed Langevin with the exact score, and annealed Langevin with a learned score."""
-    g = torch.Generator().manual_seed(seed)
+    run_dir = new_run_dir(args, "toy")
+    g = torch.Generator().manual_seed(args.seed)
     data = common.toy_data("mixture", n, g)
     start = lambda: 16 * torch.rand(n, 2, generator=g) - 8  # uniform on [-8, 8]^2  # noqa: E731
     sigmas = geometric_sigmas(20.0, 1.0, 10)
@@ -317,7 +620,7 @@ def toy_experiment(run_dir, n=1280, seed=0):
     shares = {name: share_in_first_mode(x) for name, x in panels.items()}
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.2))
@@ -331,304 +634,207 @@ def toy_experiment(run_dir, n=1280, seed=0):
     (Path(run_dir) / "toy.json").write_text(json.dumps(shares, indent=2))
     for name, share in shares.items():
         print(f"{share:.3f}  share of samples in the (5,5) mode: {name}")
+    print(f"figure: {run_dir}/toy.png")
     return shares
 
 
 # ----------------------------------------------------------------------------------------------
-# Training, sampling, evaluation
+# The run: device and precision, run folder, log, checkpoints (told the same way in all three model files)
 # ----------------------------------------------------------------------------------------------
 
-def build_net(args):
-    mult = tuple(int(m) for m in str(args.channel_mult).split(","))
-    return ScoreNet(args.width, mult, args.num_res_blocks, args.score_param)
+def setup_device(args):
+    """(device, rank, world size). Under torchrun every process joins the group and takes its own GPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    name = args.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: not available on this machine")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    if name == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # free speed on Ampere+
+    if world > 1:
+        dist.init_process_group("nccl" if name == "cuda" else "gloo", device_id=device if name == "cuda" else None)
+    return device, rank, world
 
 
-def sampler_settings(args, device, preview=False):
-    """The paper's sampler, or for per-epoch previews a cheaper one: fewer levels, one step each."""
-    levels = min(args.preview_levels, args.num_scales) if preview else args.num_scales
-    return dict(sigmas=noise_levels(args, levels).to(device),
-                steps=1 if preview else args.steps_per_level, eps=args.step_eps, denoise=args.denoise)
+def amp_dtype(args, device):
+    """The autocast precision, or None for float32. bf16 on GPUs built for it (compute capability 8 and up:
+    A100, RTX 30xx/40xx, H100); float16 with a gradient scaler on older ones (T4, V100), where bf16 would be
+    emulated, far slower; float32 on the CPU and MPS."""
+    if not args.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
-def autocast(args, device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-@torch.inference_mode()
-def sample(net, n, args, device, seed=0, record=(), preview=False):
-    """n samples (float, unclamped) from x_0 ~ U[0, 1]^D, in batches of --sample-batch."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    out, snaps = [], []
-    for i in range(0, n, args.sample_batch):
-        x0 = torch.rand(min(args.sample_batch, n - i), 3, 32, 32, generator=g, device=device)
-        with autocast(args, device):
-            x, s = annealed_langevin(net, x0, **sampler_settings(args, device, preview), record=record, generator=g)
-        out.append(x)
-        snaps = snaps or s
-    return torch.cat(out), snaps
-
-
-@torch.inference_mode()
-def test_dsm_loss(net, test, args, device, buckets=4):
-    """DSM loss on test images with fixed noise, per quarter of the noise levels (largest sigmas first)."""
-    g = torch.Generator(device=device).manual_seed(1234)
-    sigmas = noise_levels(args).to(device)
-    edges = torch.linspace(0, len(sigmas), buckets + 1).long().tolist()
-    totals = torch.zeros(buckets, device=device)
-    x = test.to(device).float() / 255
-    for i in range(0, len(x), 500):
-        batch = x[i:i + 500]
-        for b in range(buckets):
-            lo, hi = edges[b], max(edges[b + 1], edges[b] + 1)
-            levels = torch.randint(lo, hi, (len(batch),), generator=g, device=device)
-            noise = torch.randn(batch.shape, generator=g, device=device)
-            with autocast(args, device):
-                totals[b] += dsm_loss(net, batch, sigmas, levels, noise).sum()
-    per_bucket = (totals / len(x)).tolist()
-    return {"test_dsm": sum(per_bucket) / buckets, **{f"test_dsm_q{b + 1}": v for b, v in enumerate(per_bucket)}}
-
-
-@torch.no_grad()  # the average is not part of any graph (under autograd it would grow one per step)
-def update_ema(ema, net, decay):
-    """ema <- decay ema + (1 - decay) net, tensor by tensor (NCSNv2 technique 5); decay 0 copies net."""
-    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
-
-
-def save_checkpoint(run_dir, net, ema, opt, epoch, step, args):
-    common.atomic_save({"model": "ncsn", "args": vars(args), "net": net.state_dict(), "ema": ema.state_dict(),
-                        "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "rng": common.rng_state()},
-                       Path(run_dir) / "checkpoint.pt")
-
-
-def train(args):
-    device, rank, world = common.setup_device(args.device)
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    common.seed_everything(args.seed + rank)  # the same init everywhere (DDP broadcasts it), different noise
-    train_images = common.load_images(args.data, args.data_root, "train")[: args.limit_train]
-    test_images = common.load_images(args.data, args.data_root, "test")[: args.test_images]
-    net = build_net(args).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr, fused=True)  # fused: one kernel, and see found_inf below
-    start_epoch, step = 0, 0
-    if args.resume:
-        ckpt = common.load_checkpoint(args.resume, "ncsn")
-        common.load_weights(net, ckpt["net"], args.resume)
-        common.load_weights(ema, ckpt["ema"], args.resume)
-        opt.load_state_dict(ckpt["optimizer"])
-        for group in opt.param_groups:  # the optimizer state carries the old lr: --lr on resume must win
-            group["lr"] = args.lr
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        if start_epoch >= args.epochs:
-            raise UserError(f"{args.resume} already has {start_epoch} epochs: pass --epochs N with N > {start_epoch}")
-    run_dir = common.make_run_dir("ncsn", args) if rank == 0 else None
-    model = DistributedDataParallel(net) if world > 1 else net
-    model = torch.compile(model) if args.compile else model
-    loader = common.DeviceLoader(train_images, args.batch_size // world, device, args.seed, rank, world)
-    sigmas = noise_levels(args).to(device)
-    if rank == 0:
-        common.save_config(run_dir, args)
-        log = common.RunLog(run_dir, args, args.track)
-        print(f"run folder: {run_dir}\n{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(train_images)} training images, {len(loader)} steps per epoch on {device} x {world}")
-        print(f"NCSNv2 technique 1: the largest distance between {min(2000, len(train_images))} training images "
-              f"is {common.largest_distance(train_images, 2000):.1f}; sigma_1 = {args.sigma_max:g}")
-    if rank == 0 and start_epoch == 0:  # the baseline: a zero score (the initial network) gives D/2
-        log.log(0, epoch=0, **test_dsm_loss(ema, test_images, args, device))
-    if args.resume:
-        common.set_rng_state(ckpt["rng"])  # rank 0's generators...
-        if rank > 0:  # ...so the other ranks need noise of their own again
-            torch.manual_seed(args.seed + rank + 1000 * start_epoch)
-    preview_noise_seed = 0
-    bad_streak = torch.zeros((), device=device)  # consecutive non-finite steps, counted on the device
-    worst_streak = torch.zeros((), device=device)
-    for epoch in range(start_epoch, args.epochs):
-        net.train()
-        tick, seen = time.perf_counter(), 0
-        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=rank != 0, leave=False)
-        for x in bar:  # x: (B, 3, 32, 32) in [0, 1], randomly flipped
-            with autocast(args, device):
-                loss = dsm_loss(model, x, sigmas).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or float("inf"))
-            # A non-finite loss gives non-finite gradients: skip that step. Asking the host would stall
-            # the GPU every step, so the decision stays on the device: the fused Adam kernel leaves
-            # weights, moments and step count alone where found_inf is 1 (torch.amp.GradScaler's hook).
-            finite = torch.isfinite(grad_norm)
-            opt.found_inf = (~finite).float()
-            opt.step()
-            update_ema(ema, net, args.ema)
-            bad_streak = (bad_streak + 1) * (~finite)
-            worst_streak = torch.maximum(worst_streak, bad_streak)
-            step, seen = step + 1, seen + len(x) * world
-            if step % args.log_every == 0 or seen >= len(loader) * loader.batch_size * world:
-                if worst_streak.item() >= args.max_bad_steps:  # the only host syncs: every --log-every steps
-                    last = f"{run_dir}/checkpoint.pt" if rank == 0 and epoch > 0 else "none yet"
-                    raise UserError(f"training diverged: {args.max_bad_steps} non-finite steps in a row at step "
-                                    f"{step}; last good checkpoint: {last} (resume it with a lower --lr)")
-                rate = seen / (time.perf_counter() - tick)
-                if rank == 0:
-                    bar.set_postfix(loss=f"{loss.item():.2f}", img_s=f"{rate:.0f}")
-                    log.log(step, epoch=epoch + 1, loss=loss.item(), grad_norm=grad_norm.item(), img_per_s=rate,
-                            lr=args.lr)
-        if rank == 0:
-            seconds = time.perf_counter() - tick
-            test = test_dsm_loss(ema, test_images, args, device)
-            preview, _ = sample(ema, 64, args, device, seed=preview_noise_seed, preview=True)
-            common.save_grid(preview, Path(run_dir) / "samples" / f"epoch_{epoch + 1:04d}.png", nrow=8)
-            log.log(step, epoch=epoch + 1, epoch_seconds=seconds, **test)
-            save_checkpoint(run_dir, net, ema, opt, epoch + 1, step, args)
-            print(f"epoch {epoch + 1}/{args.epochs}  step {step}  train loss {loss.item():.3f}  test DSM "
-                  f"{test['test_dsm']:.3f}  ({seconds:.0f} s, {seen / seconds:.0f} img/s)")
-        if world > 1:
-            torch.distributed.barrier()
-    if rank == 0:
-        summary = {"epochs": args.epochs, "steps": step, **test, "parameters": sum(p.numel() for p in net.parameters())}
-        (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-        common.plot_metrics(run_dir)
-        log.close()
+def new_run_dir(args, kind=""):
+    """runs/ncsn__<name>__<seed>__<time>/ (ncsn-bench__..., ncsn-toy__... for those commands), made here."""
+    model = f"ncsn-{kind}" if kind else "ncsn"
+    run_dir = Path(args.run_dir) / f"{model}__{args.name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"--run-dir {args.run_dir}: cannot make {run_dir} ({e.strerror})") from None
     return run_dir
 
 
-def load_run(run_dir, args, device):
-    ckpt = common.load_checkpoint(run_dir, "ncsn")
-    net = build_net(args).to(device)
-    common.load_weights(net, ckpt["ema"], run_dir)  # every sample and evaluation uses the EMA weights
-    return net.eval().requires_grad_(False)
+def open_run(args, step):
+    """The run folder (new, or the one resumed) with config.json, and its log. Rank 0 only."""
+    run_dir = Path(args.resume) if args.resume else new_run_dir(args)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    config = {"args": vars(args), "torch": torch.__version__, "cuda": torch.version.cuda, "git_commit": commit,
+              "command": " ".join(sys.argv)}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (run_dir / "checkpoint.pt.tmp").unlink(missing_ok=True)  # what a crash during a save leaves behind
+    return run_dir, Log(run_dir, args, step)
 
 
-def run_sample(args):
-    device, _, _ = common.setup_device(args.device)
-    net = load_run(args.sample, args, device)
-    levels = args.num_scales
-    record = sorted({round(i * (levels - 1) / 7) for i in range(8)})  # about eight levels along the chain
-    x, snaps = sample(net, args.n, args, device, seed=args.seed, record=record)
-    out = Path(args.sample)
-    common.save_grid(x, out / "samples.png")
-    import numpy as np
+class Log:
+    """metrics.jsonl (one JSON object per row) and TensorBoard; Weights & Biases too with --track.
 
-    np.savez_compressed(out / "samples.npz", samples=common.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
-    sigmas = noise_levels(args)
-    rows = [(f"sigma={sigmas[i]:.3g}", s[:8]) for i, s in zip(record, snaps)] + [("final", x[:8])]
-    common.save_rows(rows, out / "trajectory.png", title="annealed Langevin: the same chains, largest noise first")
-    print(f"wrote {args.n} samples to {out}/samples.png, samples.npz and trajectory.png")
+    On resume the rows after the checkpoint's step are dropped (and purged from TensorBoard): those
+    steps are trained again, so the log reads as if the run had never stopped.
+    """
+
+    def __init__(self, run_dir, args, step):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / "metrics.jsonl"
+        if step and self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.endswith("}")]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
+        self.tensorboard = SummaryWriter(run_dir, purge_step=step + 1 if step else None)
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project="cifar10-generative", name=run_dir.name, id=run_dir.name,
+                                    resume="allow", config=vars(args))
+
+    def __call__(self, step, **row):
+        row = {"step": step, **row}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step":
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(row, step=step)
+
+    def close(self):
+        self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
-def run_inpaint(args):
-    device, _, _ = common.setup_device(args.device)
-    net = load_run(args.inpaint, args, device)
-    y = (common.load_images(args.data, args.data_root, "test")[:8].float() / 255).to(device)
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    masks = {"right_half": torch.zeros(1, 1, 32, 32, dtype=torch.bool, device=device),
-             "centre": torch.ones(1, 1, 32, 32, dtype=torch.bool, device=device)}
-    masks["right_half"][..., :16] = True  # True = observed
-    masks["centre"][..., 8:24, 8:24] = False
-    for name, mask in masks.items():
-        mask = mask.expand_as(y)
-        rows = [("masked", torch.where(mask, y, 0.5))]
-        for k in range(4):
-            with torch.inference_mode(), autocast(args, device):
-                x, _ = annealed_langevin(net, torch.rand(y.shape, generator=g, device=device), observed=y,
-                                         mask=mask, generator=g, **sampler_settings(args, device))
-            rows.append((f"completion {k + 1}", x))
-        rows.append(("original", y))
-        common.save_rows(rows, Path(args.inpaint) / f"inpaint_{name}.png", title=f"inpainting: {name}")
-    print(f"wrote {args.inpaint}/inpaint_right_half.png and inpaint_centre.png")
+def save_checkpoint(run_dir, **state):
+    """checkpoint.pt, atomically: written to a temporary file, flushed to disk, then renamed over the old
+    one, so that a crash during a save never destroys the last good checkpoint."""
+    tmp = run_dir / "checkpoint.pt.tmp"
+    with open(tmp, "wb") as f:
+        torch.save({"model": "ncsn", **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / "checkpoint.pt")
 
 
-def run_eval(args):
-    device, _, _ = common.setup_device(args.device)
-    net = load_run(args.eval, args, device)
+def load_checkpoint(run):
+    """RUN/checkpoint.pt, read with weights_only=True: a file with pickled code in it is refused, not run."""
+    path = Path(run) / "checkpoint.pt"
+    if not path.is_file():
+        raise UserError(f"no checkpoint.pt in {run}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = "it holds pickled objects other than tensors (refused)" if "Unsupported global" in str(e) else \
+            "corrupt or truncated"
+        raise UserError(f"cannot load {path}: {reason}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("model") != "ncsn":
+        raise UserError(f"{path} is not a checkpoint of ncsn.py")
+    return ckpt
+
+
+def load_weights(module, state_dict, run):
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError:
+        raise UserError(f"{run} holds a network of another width or architecture (see its config.json)") from None
+
+
+def resume(args, net, ema, optimizer, scaler):
+    """Load RUN/checkpoint.pt into the model; returns (epoch, step). No random state is needed: every epoch
+    reseeds from (seed, rank, epoch), so resuming at an epoch boundary redraws exactly the same noise."""
+    ckpt = load_checkpoint(args.resume)
+    if ckpt["epoch"] >= args.epochs:
+        raise UserError(f"{args.resume} already has {ckpt['epoch']} epochs: pass --epochs N with N > {ckpt['epoch']}")
+    load_weights(net, ckpt["net"], args.resume)
+    load_weights(ema, ckpt["ema"], args.resume)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    for p in net.parameters():  # moments laid out like their weights: a channels_last (GPU) checkpoint goes
+        for key, value in optimizer.state[p].items():  # to the CPU, whose fused Adam assumes equal layouts
+            if value.shape == p.shape:
+                optimizer.state[p][key] = torch.empty_like(p).copy_(value)
+    if args.lr != ckpt["args"]["lr"]:  # --lr given on resume wins over the optimiser's saved one
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
+    return ckpt["epoch"], ckpt["step"]
+
+
+def seconds_per_call(fn, repeats):
+    """Mean wall time of fn() after one warm-up call (allocator, cuDNN autotuning, compilation)."""
+    fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    x, _ = sample(net, args.n, args, device, seed=args.seed)
-    seconds = time.perf_counter() - start
-    scores = common.generative_metrics(x, args.data, args.data_root, args.fid_extractor, args.fid_weights, device)
-    test = test_dsm_loss(net, common.load_images(args.data, args.data_root, "test"), args, device)
-    nfe = args.num_scales * args.steps_per_level + int(args.denoise)
-    result = {**scores, **test, "sampling_seconds_per_1000": 1000 * seconds / args.n, "nfe_per_sample": nfe}
-    (Path(args.eval) / "eval.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
 
 
-def run_bench(args, steps=5):
-    device, _, _ = common.setup_device(args.device)
-    torch.manual_seed(args.seed)
-    net = build_net(args).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    model = torch.compile(net) if args.compile else net
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    sigmas = noise_levels(args).to(device)
-    x = torch.rand(args.batch_size, 3, 32, 32, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+def machine(device):
+    """What a benchmark ran on, and its peak memory so far (GPU: allocated; CPU: resident set, Unix only)."""
+    import resource
 
-    def timed(fn, repeats):
-        fn()  # warm-up (and compilation)
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync()
-        return (time.perf_counter() - start) / repeats
-
-    def train_step():
-        with autocast(args, device):
-            loss = dsm_loss(model, x, sigmas).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def score_evals():
-        with torch.inference_mode(), autocast(args, device):
-            model(xs, sigmas[:1].expand(len(xs)))
-
-    train_rate = args.batch_size / timed(train_step, steps)
-    xs = torch.rand(args.sample_batch, 3, 32, 32, device=device)
-    eval_rate = args.sample_batch / timed(score_evals, steps)
-    nfe = args.num_scales * args.steps_per_level + int(args.denoise)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "parameters": sum(p.numel() for p in net.parameters()), "width": args.width,
-              "batch_size": args.batch_size, "train_images_per_s": train_rate, "sample_batch": args.sample_batch,
-              "score_evals_per_s": eval_rate, "peak_memory_gib": peak, "nfe_per_sample": nfe,
-              "projected_hours_200_epochs": 200 * 50_000 / train_rate / 3600,
-              "projected_hours_50k_samples": 50_000 * nfe / eval_rate / 3600, "amp": args.amp, "compile": args.compile}
-    run_dir = common.make_run_dir("ncsn", args)
-    common.save_config(run_dir, args)
-    (run_dir / "bench.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    print(f"wrote {run_dir}/bench.json")
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    return {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "peak_memory_gib": peak / 2**30}
 
 
 def main(argv=None):
-    preset = build_parser().parse_known_args(argv)[0].preset  # the preset decides the other defaults
-    args = common.parse_args(build_parser(preset), argv)
-    if args.ema is not None and not 0 <= args.ema < 1:
-        raise UserError(f"--ema must be in [0, 1), got {args.ema}")
-    if args.width % 2 or not all(m.isdigit() and int(m) > 0 for m in str(args.channel_mult).split(",")) \
-            or len(str(args.channel_mult).split(",")) > 5:  # 32 -> 2 pixels after five levels
-        raise UserError(f"--width must be even and --channel-mult 1 to 5 positive integers such as 1,2,2,2; got "
-                        f"--width {args.width} --channel-mult {args.channel_mult}")
+    args = parse_args(argv)
     if args.toy:
-        run_dir = common.make_run_dir("ncsn_toy", args)
-        toy_experiment(run_dir)
-        print(f"figure: {run_dir}/toy.png")
-    elif args.sample:
-        run_sample(args)
-    elif args.inpaint:
-        run_inpaint(args)
-    elif args.eval:
-        run_eval(args)
-    elif args.bench:
-        run_bench(args)
-    else:
-        train(args)
+        return toy(args)
+    if args.sample:
+        return sample(args)
+    if args.eval:
+        return evaluate(args)
+    if args.inpaint:
+        return inpaint(args)
+    if args.bench:
+        return bench(args)
+    return train(args)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    try:
+        main()
+    except UserError as e:  # bad input, or a run that diverged: one line on stderr and exit status 1
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the last checkpoint.pt is intact; continue with --resume RUN")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

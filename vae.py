@@ -65,10 +65,13 @@ skip any update whose gradient norm is not finite or far above normal.
 """
 
 import argparse
-import contextlib
 import copy
+import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -83,56 +86,83 @@ from tqdm import tqdm
 import common
 from common import IMAGE_DIMS, UserError, bits_per_dim, non_negative_float, positive_float, positive_int
 
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
 
-def build_parser():
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+COMMANDS = ("resume", "sample", "eval", "interpolate", "bench")  # what to do now: never read from a run's config
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                usage=argparse.SUPPRESS)  # no usage block: a bad flag is one line, exit status 2
+    # the flags every script shares
     p.add_argument("--epochs", type=positive_int, default=200, help="passes over the training set")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (all ranks)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per step, all processes together")
     p.add_argument("--lr", type=positive_float, default=5e-4, help="AdamW learning rate after warm-up")
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW decoupled weight decay")
-    p.add_argument("--warmup-steps", type=non_negative_float, default=200, help="linear learning-rate warm-up")
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], default="auto", help="where to run")
-    p.add_argument("--data", default="cifar10", help="'cifar10' or a folder of images")
+    p.add_argument("--data", default="cifar10", help="'cifar10' or any folder of images")
     p.add_argument("--data-root", default="data", help="where CIFAR-10 and decoded-image caches live")
     p.add_argument("--run-dir", default="runs", help="parent folder of run folders")
-    p.add_argument("--name", default="default", help="experiment name in the run folder's name")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA only)")
+    p.add_argument("--name", default="default", help="run name, part of the run folder's name")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision on CUDA: bf16 where native, else float16 with a gradient scaler")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--track", action="store_true", help="also log to Weights & Biases")
+    p.add_argument("--track", action="store_true", help="also log to Weights & Biases (needs wandb)")
     p.add_argument("--limit-train", type=positive_int, help="use only the first N training images")
-    p.add_argument("--limit-test", type=positive_int, help="evaluate on the first N test images (default all)")
-    p.add_argument("--log-every", type=positive_int, default=50, help="log training scalars every K steps")
-    # the model
+    p.add_argument("--limit-test", type=positive_int, help="evaluate on the first N test images (default: all)")
+    p.add_argument("--log-every", type=positive_int, default=50, help="steps between logged (host-synced) losses")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights (0: no EMA)")
+    p.add_argument("--grad-clip", type=positive_float, default=20.0,
+                   help="clip the gradient norm (typical norms: 1-3 at width 16, measured)")
+    p.add_argument("--max-bad-steps", type=positive_int, default=100,
+                   help="stop after this many skipped (non-finite or outlying) steps in a row")
+    # what to do, if not training from scratch
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (use --epochs to extend)")
+    p.add_argument("--sample", metavar="RUN", help="write --n samples of this run")
+    p.add_argument("--eval", metavar="RUN", help="ELBO and IWAE bits/dim, then FID / IS / KID of this run")
+    p.add_argument("--interpolate", metavar="RUN", help="latent interpolations between test images of this run")
+    p.add_argument("--bench", action="store_true", help="measure training and sampling speed; write bench.json")
+    p.add_argument("--n", type=positive_int, default=64, help="number of samples for --sample / --eval")
+    p.add_argument("--fid-extractor", default="inception-v3-compat", help="torch-fidelity feature extractor")
+    p.add_argument("--fid-weights", metavar="FILE", help="Inception weights file, for machines with no network")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="prior std for --sample / --eval")
+    p.add_argument("--iw-samples", type=positive_int, default=100, help="K of the IWAE bound in --eval")
+    # the network
     p.add_argument("--width", type=positive_int, default=128, help="channels at 32x32 (2x that below)")
     p.add_argument("--blocks", type=positive_int, default=3, help="residual blocks per resolution")
     p.add_argument("--latent-channels", type=positive_int, default=32, help="channels C of the latent map z")
     p.add_argument("--latent-size", type=int, choices=[4, 8, 16], default=8, help="z is C x size x size")
     p.add_argument("--mixtures", type=positive_int, default=10, help="logistic components per pixel")
     # the objective and its stabilisers
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW decoupled weight decay")
+    p.add_argument("--warmup-steps", type=non_negative_float, default=200, help="linear learning-rate warm-up")
     p.add_argument("--kl-warmup", type=non_negative_float, default=5.0, help="epochs for KL weight 0 -> 1")
     p.add_argument("--free-bits", type=non_negative_float, default=0.05,
                    help="lambda in nats per latent dimension, applied per channel map (0: off)")
-    p.add_argument("--grad-clip", type=positive_float, default=20.0,
-                   help="clip the gradient norm (typical norms: 1-3 at width 16, measured)")
     p.add_argument("--skip-factor", type=positive_float, default=10.0,
                    help="skip an update whose gradient norm exceeds this times its running average")
-    p.add_argument("--ema-decay", type=non_negative_float, default=0.999, help="EMA of weights (0: off)")
-    # commands on a finished run
-    p.add_argument("--resume", help="continue the run in this folder")
-    p.add_argument("--sample", help="write --n samples of this run")
-    p.add_argument("--eval", help="ELBO, IWAE bits/dim and FID / IS / KID of this run")
-    p.add_argument("--interpolate", help="latent interpolations between test images of this run")
-    p.add_argument("--bench", action="store_true", help="time training steps and sampling; write bench.json")
-    p.add_argument("--bench-steps", type=positive_int, default=20, help="timed steps for --bench")
-    p.add_argument("--n", type=positive_int, default=64, help="number of samples for --sample / --eval")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="prior std for --sample / --eval")
-    p.add_argument("--iw-samples", type=positive_int, default=100, help="K of the IWAE bound in --eval")
-    p.add_argument("--fid-extractor", choices=["inception-v3-compat", "tiny-random"], default="inception-v3-compat",
-                   help="feature network for FID / IS / KID ('tiny-random' is offline, for tests)")
-    p.add_argument("--fid-weights", help="a downloaded Inception weights file")
-    return p
+    args = p.parse_args(argv)
+    run = args.resume or args.sample or args.eval or args.interpolate
+    if run:  # the run's own settings become the defaults: `--resume RUN --epochs 300` keeps its width, data, ...
+        p.set_defaults(**{k: v for k, v in read_config(run).items() if k not in COMMANDS})
+        args = p.parse_args(argv)
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema must be in [0, 1), got {args.ema}")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        p.error("--track needs wandb: pip install wandb")
+    return args
+
+
+def read_config(run):
+    """The arguments a run was started with (its config.json)."""
+    try:
+        return json.loads((Path(run) / "config.json").read_text())["args"]
+    except FileNotFoundError:
+        raise UserError(f"{run} is not a run folder (no config.json)") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{run}/config.json is damaged (not the JSON this project writes)") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,18 +308,8 @@ def iwae_logp(net, x, k, generator, chunk=25):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling and evaluation
+# The sampler: z ~ N(0, T^2 I), decoded
 # ----------------------------------------------------------------------------------------------
-
-def autocast(device, amp):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
-
-
-@torch.inference_mode()
-def sample(net, z):
-    """Decode prior draws z (B, C, s, s) into images in [0, 1]. Temperature T: z ~ N(0, T^2 I)."""
-    return (mixture_mean(net.decode(z), net.mixtures) + 1) / 2
-
 
 def prior_noise(net, n, temperature, seed, device):
     g = torch.Generator().manual_seed(seed)  # a fixed generator: epochs and commands compare by eye
@@ -298,14 +318,77 @@ def prior_noise(net, n, temperature, seed, device):
 
 
 @torch.inference_mode()
-def evaluate(net, images, batch_size, device, amp, iw_samples=0):
+def decode_images(net, z):
+    """Decode latents z (B, C, s, s) into images in [0, 1]: the mean E[x|z] of the pixel distribution."""
+    return (mixture_mean(net.decode(z), net.mixtures) + 1) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+def build(args, device):
+    """The VAE (channels_last on a GPU: faster convolutions), its EMA copy, the optimiser and the gradient
+    scaler (active only for float16)."""
+    net = VAE(args.width, args.blocks, args.latent_channels, args.latent_size, args.mixtures)
+    net = net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
+    return net, ema, optimizer, scaler
+
+
+@torch.no_grad()  # the average is not part of any graph (under autograd it would grow one per step)
+def update_ema(ema, net, decay, step):
+    """ema <- d ema + (1 - d) net, tensor by tensor, with d = min(decay, (1 + step) / (10 + step)): early
+    on the average forgets its random start quickly; after ~9,000 steps d = decay."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - d)
+
+
+def learning_rate(step, args):
+    # linear warm-up, then constant (VDVAE): a pure function of the step, so resume needs no scheduler
+    return args.lr * min(1.0, (step + 1) / max(1.0, args.warmup_steps))
+
+
+def train_step(model, net, optimizer, scaler, x, beta, args, state, dtype):
+    """One AdamW step on -L of Eq. (5) for a batch x (B, 3, 32, 32) in [0, 1]. Returns device tensors.
+
+    The update is skipped when the gradient norm is not finite or far above its running average
+    (VDVAE). The decision stays on the device, so the GPU never waits for the host: the fused AdamW
+    kernel leaves weights, moments and step count alone where found_inf is 1.
+    """
+    with autocast(x.device, dtype):
+        log_px_z, kl = model(x * 2 - 1)
+    loss = training_loss(log_px_z, kl, beta, args.free_bits * args.latent_size**2)  # per dim -> per map
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # float16 only: the gradients back to their true size before clipping
+    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+    average = state.get("grad_norm_avg", torch.tensor(math.inf, device=grad_norm.device))  # inf: no step yet
+    finite = torch.isfinite(grad_norm)
+    bad = ~finite | (grad_norm > args.skip_factor * average)
+    optimizer.found_inf = bad.float()
+    optimizer.step()
+    scaler.update()
+    # the average of accepted norms; an outlier enters capped, so that a lasting change of scale is
+    # accepted after a while instead of being skipped forever
+    capped = torch.minimum(grad_norm, args.skip_factor * average)
+    updated = torch.where(average.isinf(), grad_norm, 0.99 * average + 0.01 * capped)
+    state["grad_norm_avg"] = torch.where(finite, updated, average)
+    return loss.detach(), log_px_z.detach(), kl.detach(), grad_norm, bad
+
+
+@torch.inference_mode()
+def test_metrics(net, images, args, device, dtype, iw_samples=0):
     """Test-set bits/dim of -ELBO (and of -L_K), split into distortion and rate, and active units."""
     g = torch.Generator(device=device).manual_seed(0)  # the same eps every epoch; global RNG untouched
     totals = {"distortion": 0.0, "rate": 0.0, "iwae": 0.0}
     mu_sum, mu_sq = 0.0, 0.0
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device).float() / 127.5 - 1
-        with autocast(device, amp):
+    batch = max(1, args.batch_size // 4) if iw_samples else args.batch_size  # IWAE decodes 25 z per image at once
+    for start in range(0, len(images), batch):
+        x = images[start:start + batch].to(device).float() / 127.5 - 1
+        with autocast(device, dtype):
             mu, logvar = net.encode(x)
             z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=g, device=device)
             log_px = discretized_logistic_mixture_logp(x, net.decode(z), net.mixtures)
@@ -333,204 +416,141 @@ def elbo_bits_per_dim(log_px_z, kl):
     return distortion + rate, distortion, rate
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
-
-def build_net(args):
-    return VAE(args.width, args.blocks, args.latent_channels, args.latent_size, args.mixtures)
-
-
-def train_step(model, optimizer, x01, beta, args, state, device):
-    """One AdamW update, skipped when the gradient norm is non-finite or far above its average (VDVAE).
-
-    The decision stays on the device, so the GPU never waits for the host: the fused AdamW kernel leaves
-    weights, moments and step count alone where found_inf is 1 (the hook torch.amp.GradScaler uses).
-    """
-    with autocast(device, args.amp):
-        log_px_z, kl = model(x01 * 2 - 1)
-    loss = training_loss(log_px_z, kl, beta, args.free_bits * args.latent_size**2)  # per dim -> per map
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # (), on the device
-    average = state.get("grad_norm_avg", torch.tensor(float("inf"), device=grad_norm.device))  # inf: no step yet
-    finite = torch.isfinite(grad_norm)
-    skip = ~finite | (grad_norm > args.skip_factor * average)
-    optimizer.found_inf = skip.float()
-    optimizer.step()
-    # the average of accepted norms; an outlier enters capped, so that a lasting change of scale is
-    # accepted after a while instead of being skipped forever
-    capped = torch.minimum(grad_norm, args.skip_factor * average)
-    updated = torch.where(average.isinf(), grad_norm, 0.99 * average + 0.01 * capped)
-    state["grad_norm_avg"] = torch.where(finite, updated, average)
-    return loss.detach(), log_px_z.detach(), kl.detach(), grad_norm.detach(), skip
-
-
-def learning_rate(step, args):
-    # linear warm-up, then constant (VDVAE): a pure function of the step, so resume needs no scheduler
-    return args.lr * min(1.0, (step + 1) / max(1.0, args.warmup_steps))
-
-
-def save_checkpoint(run_dir, net, ema_net, optimizer, epoch, step, state, args):
-    common.atomic_save({"model": "vae", "args": vars(args), "net": net.state_dict(),
-                        "ema": ema_net.state_dict() if ema_net is not None else None,
-                        "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "state": state,
-                        "rng": common.rng_state()},
-                       Path(run_dir) / "checkpoint.pt")
-
-
-def write_previews(run_dir, net, test_images, epoch, args, device):
+def write_previews(net, run_dir, epoch, args, device, dtype, test_images):
     """samples/epoch_NNNN.png (T = 1), epoch_NNNN_t0.7.png, and reconstructions (originals above)."""
-    with autocast(device, args.amp):
+    with autocast(device, dtype):
         for t, suffix in ((1.0, ""), (0.7, "_t0.7")):
-            images = sample(net, prior_noise(net, 64, t, args.seed, device))
-            common.save_grid(images, Path(run_dir) / "samples" / f"epoch_{epoch:04d}{suffix}.png", nrow=8)
+            images = decode_images(net, prior_noise(net, 64, t, args.seed, device))
+            common.save_grid(images, run_dir / "samples" / f"epoch_{epoch:04d}{suffix}.png", nrow=8)
         originals = test_images[:10].to(device).float() / 255
         with torch.inference_mode():
-            recon = sample(net, net.encode(originals * 2 - 1)[0])  # decode the posterior mean
-    common.save_grid(torch.cat([originals, recon]), Path(run_dir) / "reconstructions" / f"epoch_{epoch:04d}.png",
-                     nrow=10)
+            recon = decode_images(net, net.encode(originals * 2 - 1)[0])  # decode the posterior mean
+    common.save_grid(torch.cat([originals, recon]), run_dir / "reconstructions" / f"epoch_{epoch:04d}.png", nrow=10)
 
 
 def train(args):
-    device, rank, world = common.setup_device(args.device)
-    if args.batch_size < world:
-        raise UserError(f"--batch-size {args.batch_size} is smaller than the {world} processes")
-    # everything that can fail on user input happens before the run folder is created or touched.
+    # device and DDP
+    device, rank, world = setup_device(args)
+    dtype = amp_dtype(args, device)
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    # seed: the same initial weights on every rank (DDP checks it); each epoch reseeds the noise below
+    torch.manual_seed(args.seed)
+    # data
     train_images = common.load_images(args.data, args.data_root, "train")[:args.limit_train]
     test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
-    common.seed_everything(args.seed + rank)
-    net = build_net(args).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    state, start_epoch, step, ckpt = {"skipped_steps": torch.zeros((), device=device)}, 0, 0, None
-    if args.resume:
-        ckpt = common.load_checkpoint(args.resume, "vae")
-        common.load_weights(net, ckpt["net"], args.resume)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        state = {k: torch.as_tensor(v).to(device) for k, v in ckpt["state"].items()}
-        if args.epochs <= start_epoch:
-            raise UserError(f"{args.resume} already has {start_epoch} epochs; pass --epochs > {start_epoch}")
-    ema_net = copy.deepcopy(net).requires_grad_(False) if args.ema_decay > 0 else None
-    if ema_net is not None and ckpt is not None and ckpt["ema"] is not None:
-        common.load_weights(ema_net, ckpt["ema"], args.resume)
-    model = torch.compile(net) if args.compile else net
-    if world > 1:
-        model = DistributedDataParallel(model)
     loader = common.DeviceLoader(train_images, args.batch_size // world, device, args.seed, rank, world)
-    eval_net = ema_net if ema_net is not None else net
-    n_params = sum(p.numel() for p in net.parameters())
-
-    run_dir = log = None
+    # model, EMA, optimiser
+    net, ema, optimizer, scaler = build(args, device)
+    model = torch.compile(net) if args.compile else net
+    model = DistributedDataParallel(model) if world > 1 else model
+    # resume
+    state = {"skipped_steps": torch.zeros((), device=device)}  # the skip rule's running statistics
+    start_epoch, step = resume(args, net, ema, optimizer, scaler, state) if args.resume else (0, 0)
+    # run folder and logging (rank 0)
+    run_dir, log = open_run(args, step) if rank == 0 else (None, None)
     if rank == 0:
-        run_dir = common.make_run_dir("vae", args)
-        common.save_config(run_dir, args)
-        log = common.RunLog(run_dir, args, args.track)
-        print(f"vae: {n_params / 1e6:.2f}M parameters, {len(train_images)} train / {len(test_images)} test images, "
-              f"{len(loader)} steps per epoch on {world} x {device.type}; run folder {run_dir}")
-        if ckpt is None:  # the starting point of the curve: bits/dim at initialisation
-            log.log(0, epoch=0, **evaluate(eval_net, test_images, args.batch_size, device, args.amp))
-    if ckpt is not None and rank == 0:  # restored last, right before the loop: exact resume
-        common.set_rng_state(ckpt["rng"])
-    elif ckpt is not None:
-        torch.manual_seed(args.seed + rank + 1000 * start_epoch)
-    warmup_steps = args.kl_warmup * len(loader)
-    skip_streak = worst_streak = torch.zeros((), device=device)  # consecutive skipped steps, on the device
-    start_time = time.time()
+        print(f"run folder {run_dir}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(train_images)} training and {len(test_images)} test images, {len(loader)} steps per epoch on "
+              f"{device} x {world}, precision {dtype or torch.float32}")
+        if step == 0:  # the starting point of the curve: bits/dim at initialisation
+            log(0, epoch=0, **test_metrics(ema, test_images, args, device, dtype))
+    # the loop
+    bad_streak = worst_streak = torch.zeros((), device=device)  # skipped steps in a row, counted on the device
     for epoch in range(start_epoch + 1, args.epochs + 1):
-        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch}", disable=rank != 0, leave=False)
-        tick, seen = time.time(), 0
-        for x in bar:
-            beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        torch.manual_seed(args.seed * 10**9 + rank * 10**6 + epoch)  # each rank's and epoch's own noise: exact resume
+        tick = time.perf_counter()
+        for i, x in enumerate(tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch}/{args.epochs}",
+                                   disable=rank != 0, leave=False)):  # x: (B, 3, 32, 32) in [0, 1], flipped
+            beta = min(1.0, (step + 1) / (args.kl_warmup * len(loader))) if args.kl_warmup else 1.0
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args)
-            loss, log_px_z, kl, grad_norm, skipped = train_step(model, optimizer, x, beta, args, state, device)
-            skip_streak = (skip_streak + 1) * skipped
-            worst_streak = torch.maximum(worst_streak, skip_streak)
-            state["skipped_steps"] = state["skipped_steps"] + skipped
-            if step % args.log_every == 0 and worst_streak.item() >= 100:  # host syncs only every K steps
-                last = f"{run_dir or args.resume}/checkpoint.pt (epoch {epoch - 1})" if epoch > 1 else "none yet"
-                raise UserError(f"training diverged: 100 updates in a row had non-finite or exploding gradients; "
-                                f"the last good checkpoint is {last}: resume it with a lower --lr")
-            if ema_net is not None:  # decay warms up so early epochs' EMA is not stale
-                decay = min(args.ema_decay, (1 + step) / (10 + step))
-                with torch.no_grad():  # the EMA is not part of any graph
-                    torch._foreach_lerp_(list(ema_net.parameters()), list(net.parameters()), 1 - decay)
-            step, seen = step + 1, seen + len(x) * world
-            if step % args.log_every == 0 and rank == 0:
-                bpd, distortion, rate = elbo_bits_per_dim(log_px_z, kl)
-                images_per_s = seen / (time.time() - tick)
-                bar.set_postfix(loss=f"{loss.item():.4f}", bpd=f"{bpd:.3f}", img_s=f"{images_per_s:.0f}")
-                log.log(step, epoch=epoch, loss=loss, train_bpd=bpd, train_distortion_bpd=distortion,
-                        train_rate_bpd=rate, beta=beta, lr=learning_rate(step, args), grad_norm=grad_norm,
-                        skipped_steps=state["skipped_steps"], img_per_s=images_per_s)
+            loss, log_px_z, kl, grad_norm, bad = train_step(model, net, optimizer, scaler, x, beta, args, state, dtype)
+            update_ema(ema, net, args.ema, step)
+            step += 1
+            bad_streak = (bad_streak + 1) * bad
+            worst_streak = torch.maximum(worst_streak, bad_streak)
+            state["skipped_steps"] = state["skipped_steps"] + bad
+            if step % args.log_every == 0 or i == len(loader) - 1:  # the only host syncs
+                if worst_streak.item() >= args.max_bad_steps:
+                    raise UserError(f"training diverged: {args.max_bad_steps} updates in a row had non-finite or "
+                                    f"exploding gradients by step {step}; the last good checkpoint is in "
+                                    f"{args.resume or run_dir}: resume it with a lower --lr")
+                if rank == 0:
+                    bpd, distortion, rate = elbo_bits_per_dim(log_px_z, kl)
+                    log(step, epoch=epoch, loss=loss.item(), train_bpd=bpd, train_distortion_bpd=distortion,
+                        train_rate_bpd=rate, beta=beta, lr=learning_rate(step, args), grad_norm=grad_norm.item(),
+                        skipped_steps=state["skipped_steps"].item(),
+                        img_per_s=(i + 1) * args.batch_size / (time.perf_counter() - tick))
+        # end of epoch: evaluate, preview, checkpoint
         if rank == 0:
-            metrics = evaluate(eval_net, test_images, args.batch_size, device, args.amp)
-            log.log(step, epoch=epoch, epoch_seconds=time.time() - tick, **metrics)
-            write_previews(run_dir, eval_net, test_images, epoch, args, device)
-            save_checkpoint(run_dir, net, ema_net, optimizer, epoch, step, state, args)  # after all RNG use
-            print(f"epoch {epoch}: test {metrics['test_bpd']:.4f} bits/dim (distortion "
-                  f"{metrics['test_distortion_bpd']:.4f} + rate {metrics['test_rate_bpd']:.4f}), active units "
-                  f"{metrics['active_units']}/{metrics['latent_dims']}, {time.time() - tick:.0f} s")
+            seconds = time.perf_counter() - tick
+            test = test_metrics(ema, test_images, args, device, dtype)
+            write_previews(ema, run_dir, epoch, args, device, dtype, test_images)
+            log(step, epoch=epoch, epoch_seconds=seconds, **test)
+            save_checkpoint(run_dir, args=vars(args), net=net.state_dict(), ema=ema.state_dict(), epoch=epoch,
+                            step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), state=state)
+            print(f"epoch {epoch}/{args.epochs}: test {test['test_bpd']:.4f} bits/dim (distortion "
+                  f"{test['test_distortion_bpd']:.4f} + rate {test['test_rate_bpd']:.4f}), active units "
+                  f"{test['active_units']}/{test['latent_dims']}  ({seconds:.0f} s)")
         if world > 1:
             dist.barrier()
     if rank == 0:
-        summary = {"epochs": args.epochs, "steps": step, "parameters": n_params,
-                   "wall_time_s": time.time() - start_time,
-                   **{f"final_{k}": v for k, v in metrics.items()}}
-        if ema_net is not None:  # what the EMA buys, measured: the same bound with the raw weights
-            summary["final_test_bpd_without_ema"] = evaluate(net, test_images, args.batch_size, device,
-                                                             args.amp)["test_bpd"]
-        (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = {"epochs": args.epochs, "steps": step, "parameters": sum(p.numel() for p in net.parameters()),
+                   **{f"final_{k}": v for k, v in test.items()},  # what the EMA buys: the raw weights' bound
+                   "final_test_bpd_without_ema": test_metrics(net, test_images, args, device, dtype)["test_bpd"]}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         common.plot_metrics(run_dir)
         log.close()
+    return run_dir
 
 
 # ----------------------------------------------------------------------------------------------
-# Commands on a trained run: --sample, --eval, --interpolate, --bench
+# Sampling, evaluation, interpolation, the benchmark
 # ----------------------------------------------------------------------------------------------
 
 def load_trained(run, args, device):
-    """The run's network with its EMA weights when it has them (that is what was evaluated)."""
-    ckpt = common.load_checkpoint(run, "vae")
-    net = build_net(args).to(device)
-    common.load_weights(net, ckpt["ema"] if ckpt.get("ema") is not None else ckpt["net"], run)
-    return net.eval()
+    """The run's VAE with its EMA weights: every sample and evaluation uses them."""
+    net, _, _, _ = build(args, device)
+    load_weights(net, load_checkpoint(run)["ema"], run)
+    return net.eval().requires_grad_(False)
 
 
-def draw_samples(net, args, device):
+def draw_samples(net, n, args, device, dtype):
+    """n decoded prior draws at --temperature (float in [0, 1], on the CPU), in batches of --batch-size."""
     out = []
-    for start in range(0, args.n, args.batch_size):
-        z = prior_noise(net, min(args.batch_size, args.n - start), args.temperature, args.seed + start, device)
-        with autocast(device, args.amp):
-            out.append(sample(net, z).float().cpu())
+    for start in range(0, n, args.batch_size):
+        z = prior_noise(net, min(args.batch_size, n - start), args.temperature, args.seed + start, device)
+        with autocast(device, dtype):
+            out.append(decode_images(net, z).float().cpu())
     return torch.cat(out)
 
 
-def sample_command(args):
-    device, _, _ = common.setup_device(args.device)
+def sample(args):
+    """RUN/samples_tT.png (the first 256) and samples_tT.npz (all --n, uint8, NHWC)."""
+    device, _, _ = setup_device(args)
     net = load_trained(args.sample, args, device)
-    images = draw_samples(net, args, device)
+    images = draw_samples(net, args.n, args, device, amp_dtype(args, device))
     stem = Path(args.sample) / f"samples_t{args.temperature:g}"
     common.save_grid(images[:256], f"{stem}.png")
-    np.savez_compressed(f"{stem}.npz", samples=common.to_uint8(images).permute(0, 2, 3, 1).numpy())  # NHWC
+    np.savez_compressed(f"{stem}.npz", samples=common.to_uint8(images).permute(0, 2, 3, 1).numpy())
     print(f"{args.n} samples at temperature {args.temperature:g}: {stem}.png (first 256), {stem}.npz")
 
 
-def eval_command(args):
-    device, _, _ = common.setup_device(args.device)
+def evaluate(args):
+    """Test bits/dim (ELBO and IWAE), FID / IS / KID of --n samples, and the sampler's cost, into RUN/eval.json."""
+    device, _, _ = setup_device(args)
+    dtype = amp_dtype(args, device)
     net = load_trained(args.eval, args, device)
     test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
     print(f"IWAE bound with K = {args.iw_samples} on {len(test_images)} test images ...")
-    batch = max(1, args.batch_size // 4)  # each image is decoded in chunks of 25 latent samples
-    result = evaluate(net, test_images, batch, device, args.amp, iw_samples=args.iw_samples)
-    result["n_test"] = len(test_images)
+    result = test_metrics(net, test_images, args, device, dtype, iw_samples=args.iw_samples)
     start = time.perf_counter()
-    images = draw_samples(net, args, device)
-    result["sampling_seconds_per_1000"] = 1000 * (time.perf_counter() - start) / args.n
-    result["nfe_per_sample"] = 1  # one decoder pass per sample
-    result.update(common.generative_metrics(images, args.data, args.data_root, args.fid_extractor,
-                                            args.fid_weights, device), temperature=args.temperature)
+    images = draw_samples(net, args.n, args, device, dtype)
+    result.update(n_test=len(test_images), sampling_seconds_per_1000=1000 * (time.perf_counter() - start) / args.n,
+                  nfe_per_sample=1, temperature=args.temperature)  # one decoder pass per sample
+    result.update(common.generative_metrics(images, args.data, args.data_root, args.fid_extractor, args.fid_weights,
+                                            device))
     (Path(args.eval) / "eval.json").write_text(json.dumps(result, indent=2))
     print(f"test bits/dim: {result['test_bpd']:.4f} (ELBO), {result['test_iwae_bpd']:.4f} (IWAE, K = "
           f"{args.iw_samples}); FID {result['fid']:.2f}, IS {result['is_mean']:.2f}, KID {result['kid_mean']:.4f} "
@@ -538,80 +558,252 @@ def eval_command(args):
 
 
 @torch.inference_mode()
-def interpolate_command(args, pairs=6, steps=8):
-    device, _, _ = common.setup_device(args.device)
+def interpolate(args, pairs=6, steps=8):
+    """RUN/interpolations.png: decoded straight lines between the posterior means of pairs of test images."""
+    device, _, _ = setup_device(args)
     net = load_trained(args.interpolate, args, device)
     test_images = common.load_images(args.data, args.data_root, "test")
-    pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(args.seed))
-    if len(pick) < 2:
+    if len(test_images) < 2:
         raise UserError("--interpolate needs at least 2 test images")
+    pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(args.seed))
     rows = []
     for i in range(min(pairs, len(pick) // 2)):
         ends = test_images[pick[2 * i:2 * i + 2]].to(device).float() / 255  # (2, 3, 32, 32)
-        with autocast(device, args.amp):
+        with autocast(device, amp_dtype(args, device)):
             mu, _ = net.encode(ends * 2 - 1)
             t = torch.linspace(0, 1, steps, device=device).view(-1, 1, 1, 1)
-            between = sample(net, (1 - t) * mu[0] + t * mu[1])  # straight line between posterior means
+            between = decode_images(net, (1 - t) * mu[0] + t * mu[1])
         rows.append((f"pair {i + 1}", torch.cat([ends[:1], between.float(), ends[1:]])))
     path = Path(args.interpolate) / "interpolations.png"
     common.save_rows(rows, path, title="test image, decoded walk between posterior means, test image")
     print(f"interpolations written to {path}")
 
 
-def bench_command(args):
-    device, _, _ = common.setup_device(args.device)
-    common.seed_everything(args.seed)
-    net = build_net(args).to(device)
+def bench(args, repeats=5):
+    """Training steps (the real train_step: same optimiser, precision and compilation) and decoded samples
+    per second, peak memory and projections; printed and written to runs/vae-bench__.../bench.json."""
+    device, _, _ = setup_device(args)
+    dtype = amp_dtype(args, device)
+    torch.manual_seed(args.seed)
+    net, _, optimizer, scaler = build(args, device)
     model = torch.compile(net) if args.compile else net
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     x = torch.randint(0, 256, (args.batch_size, 3, 32, 32), device=device).float() / 255
     z = prior_noise(net, args.batch_size, 1.0, 0, device)
 
-    def seconds_per_call(fn, repeats):  # after 3 warm-up calls (allocator, cuDNN autotuning, compilation)
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        return (time.perf_counter() - start) / repeats
+    def decode():
+        with autocast(device, dtype):
+            decode_images(net, z)
 
     state = {}
-    step_s = seconds_per_call(lambda: train_step(model, optimizer, x, 1.0, args, state, device), args.bench_steps)
-    with autocast(device, args.amp):
-        sample_s = seconds_per_call(lambda: sample(net, z), 3)
-    cuda = device.type == "cuda"
-    import resource  # Unix only, hence here: peak resident memory when there is no GPU
+    train_s = seconds_per_call(lambda: train_step(model, net, optimizer, scaler, x, 1.0, args, state, dtype), repeats)
+    sample_s = seconds_per_call(decode, repeats)
+    result = {**machine(device), "parameters": sum(p.numel() for p in net.parameters()), "width": args.width,
+              "precision": str(dtype or torch.float32).removeprefix("torch."), "compile": args.compile,
+              "batch_size": args.batch_size, "train_images_per_s": args.batch_size / train_s,
+              "sample_images_per_s": args.batch_size / sample_s, "nfe_per_sample": 1,
+              "projected_hours_200_epochs": 200 * 50_000 * train_s / args.batch_size / 3600}
+    run_dir = new_run_dir(args, "bench")
+    (run_dir / "bench.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) + f"\nwrote {run_dir}/bench.json")
+    return result
 
-    result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "parameters": sum(p.numel() for p in
-              net.parameters()), "width": args.width, "batch_size": args.batch_size, "amp": args.amp and cuda,
-              "compile": args.compile, "train_images_per_s": args.batch_size / step_s,
-              "sample_images_per_s": args.batch_size / sample_s,
-              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else  # CPU: peak RSS in KiB
-              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "memory": "allocated" if cuda else "RSS",
-              "projected_hours_200_epochs": 200 * 50_000 / (args.batch_size / step_s) / 3600}
-    out_dir = Path(args.resume) if args.resume else Path(args.run_dir) / f"vae__bench__{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2) + f"\nwritten to {out_dir}/bench.json")
+
+# ----------------------------------------------------------------------------------------------
+# The run: device and precision, run folder, log, checkpoints (told the same way in all three model files)
+# ----------------------------------------------------------------------------------------------
+
+def setup_device(args):
+    """(device, rank, world size). Under torchrun every process joins the group and takes its own GPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    name = args.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: not available on this machine")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    if name == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # free speed on Ampere+
+    if world > 1:
+        dist.init_process_group("nccl" if name == "cuda" else "gloo", device_id=device if name == "cuda" else None)
+    return device, rank, world
+
+
+def amp_dtype(args, device):
+    """The autocast precision, or None for float32. bf16 on GPUs built for it (compute capability 8 and up:
+    A100, RTX 30xx/40xx, H100); float16 with a gradient scaler on older ones (T4, V100), where bf16 would be
+    emulated, far slower; float32 on the CPU and MPS."""
+    if not args.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def new_run_dir(args, kind=""):
+    """runs/vae__<name>__<seed>__<time>/ (vae-bench__... for the benchmark), made here."""
+    model = f"vae-{kind}" if kind else "vae"
+    run_dir = Path(args.run_dir) / f"{model}__{args.name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"--run-dir {args.run_dir}: cannot make {run_dir} ({e.strerror})") from None
+    return run_dir
+
+
+def open_run(args, step):
+    """The run folder (new, or the one resumed) with config.json, and its log. Rank 0 only."""
+    run_dir = Path(args.resume) if args.resume else new_run_dir(args)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    config = {"args": vars(args), "torch": torch.__version__, "cuda": torch.version.cuda, "git_commit": commit,
+              "command": " ".join(sys.argv)}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (run_dir / "checkpoint.pt.tmp").unlink(missing_ok=True)  # what a crash during a save leaves behind
+    return run_dir, Log(run_dir, args, step)
+
+
+class Log:
+    """metrics.jsonl (one JSON object per row) and TensorBoard; Weights & Biases too with --track.
+
+    On resume the rows after the checkpoint's step are dropped (and purged from TensorBoard): those
+    steps are trained again, so the log reads as if the run had never stopped.
+    """
+
+    def __init__(self, run_dir, args, step):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / "metrics.jsonl"
+        if step and self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.endswith("}")]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
+        self.tensorboard = SummaryWriter(run_dir, purge_step=step + 1 if step else None)
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project="cifar10-generative", name=run_dir.name, id=run_dir.name,
+                                    resume="allow", config=vars(args))
+
+    def __call__(self, step, **row):
+        row = {"step": step, **row}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step":
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(row, step=step)
+
+    def close(self):
+        self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def save_checkpoint(run_dir, **state):
+    """checkpoint.pt, atomically: written to a temporary file, flushed to disk, then renamed over the old
+    one, so that a crash during a save never destroys the last good checkpoint."""
+    tmp = run_dir / "checkpoint.pt.tmp"
+    with open(tmp, "wb") as f:
+        torch.save({"model": "vae", **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / "checkpoint.pt")
+
+
+def load_checkpoint(run):
+    """RUN/checkpoint.pt, read with weights_only=True: a file with pickled code in it is refused, not run."""
+    path = Path(run) / "checkpoint.pt"
+    if not path.is_file():
+        raise UserError(f"no checkpoint.pt in {run}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = "it holds pickled objects other than tensors (refused)" if "Unsupported global" in str(e) else \
+            "corrupt or truncated"
+        raise UserError(f"cannot load {path}: {reason}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("model") != "vae":
+        raise UserError(f"{path} is not a checkpoint of vae.py")
+    return ckpt
+
+
+def load_weights(module, state_dict, run):
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError:
+        raise UserError(f"{run} holds a network of another width or architecture (see its config.json)") from None
+
+
+def resume(args, net, ema, optimizer, scaler, state):
+    """Load RUN/checkpoint.pt into the model; returns (epoch, step). No random state is needed: every epoch
+    reseeds from (seed, rank, epoch), so resuming at an epoch boundary redraws exactly the same noise."""
+    ckpt = load_checkpoint(args.resume)
+    if ckpt["epoch"] >= args.epochs:
+        raise UserError(f"{args.resume} already has {ckpt['epoch']} epochs: pass --epochs N with N > {ckpt['epoch']}")
+    load_weights(net, ckpt["net"], args.resume)
+    load_weights(ema, ckpt["ema"], args.resume)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    state.update({key: value.to(state["skipped_steps"].device) for key, value in ckpt["state"].items()})
+    for p in net.parameters():  # moments laid out like their weights: a channels_last (GPU) checkpoint goes
+        for key, value in optimizer.state[p].items():  # to the CPU, whose fused Adam assumes equal layouts
+            if value.shape == p.shape:
+                optimizer.state[p][key] = torch.empty_like(p).copy_(value)
+    if args.lr != ckpt["args"]["lr"]:  # --lr given on resume wins over the optimiser's saved one
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
+    return ckpt["epoch"], ckpt["step"]
+
+
+def seconds_per_call(fn, repeats):
+    """Mean wall time of fn() after one warm-up call (allocator, cuDNN autotuning, compilation)."""
+    fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def machine(device):
+    """What a benchmark ran on, and its peak memory so far (GPU: allocated; CPU: resident set, Unix only)."""
+    import resource
+
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    return {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "peak_memory_gib": peak / 2**30}
 
 
 def main(argv=None):
-    args = common.parse_args(build_parser(), argv)
-    if not 0 <= args.ema_decay < 1:
-        raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    args = parse_args(argv)
     if args.sample:
-        sample_command(args)
-    elif args.eval:
-        eval_command(args)
-    elif args.interpolate:
-        interpolate_command(args)
-    elif args.bench:
-        bench_command(args)
-    else:
-        train(args)
+        return sample(args)
+    if args.eval:
+        return evaluate(args)
+    if args.interpolate:
+        return interpolate(args)
+    if args.bench:
+        return bench(args)
+    return train(args)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    try:
+        main()
+    except UserError as e:  # bad input, or a run that diverged: one line on stderr and exit status 1
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the last checkpoint.pt is intact; continue with --resume RUN")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
