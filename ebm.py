@@ -436,9 +436,7 @@ def train(args):
         summary = {"epochs": args.epochs, "steps": step, "parameters": sum(p.numel() for p in net.parameters()),
                    "rollbacks": rollbacks, "lr": optimizer.param_groups[0]["lr"], **test,
                    **{f"last_epoch_{k}": v for k, v in means.items()}}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        common.plot_metrics(run_dir)
-        log.close()
+        log.finish(summary)
     return run_dir
 
 
@@ -805,7 +803,10 @@ class Log:
         if self.wandb:
             self.wandb.log(row, step=step)
 
-    def close(self):
+    def finish(self, summary):
+        """summary.json and metrics.png, at the end of training."""
+        (self.path.parent / "summary.json").write_text(json.dumps(summary, indent=2))
+        common.plot_metrics(self.path.parent)
         self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()

@@ -442,9 +442,7 @@ def train(args):
             dist.barrier()
     if rank == 0:
         summary = {"epochs": args.epochs, "steps": step, **test, "parameters": sum(p.numel() for p in net.parameters())}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        common.plot_metrics(run_dir)
-        log.close()
+        log.finish(summary)
     return run_dir
 
 
@@ -730,7 +728,10 @@ class Log:
         if self.wandb:
             self.wandb.log(row, step=step)
 
-    def close(self):
+    def finish(self, summary):
+        """summary.json and metrics.png, at the end of training."""
+        (self.path.parent / "summary.json").write_text(json.dumps(summary, indent=2))
+        common.plot_metrics(self.path.parent)
         self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()

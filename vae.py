@@ -499,9 +499,7 @@ def train(args):
         summary = {"epochs": args.epochs, "steps": step, "parameters": sum(p.numel() for p in net.parameters()),
                    **{f"final_{k}": v for k, v in test.items()},  # what the EMA buys: the raw weights' bound
                    "final_test_bpd_without_ema": test_metrics(net, test_images, args, device, dtype)["test_bpd"]}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        common.plot_metrics(run_dir)
-        log.close()
+        log.finish(summary)
     return run_dir
 
 
@@ -700,7 +698,10 @@ class Log:
         if self.wandb:
             self.wandb.log(row, step=step)
 
-    def close(self):
+    def finish(self, summary):
+        """summary.json and metrics.png, at the end of training."""
+        (self.path.parent / "summary.json").write_text(json.dumps(summary, indent=2))
+        common.plot_metrics(self.path.parent)
         self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
