@@ -1067,3 +1067,24 @@ def test_ebm_short_run_on_real_cifar10_stays_finite_and_separates_data_from_nega
     e_pos, e_neg = summary["last_epoch_energy_pos"], summary["last_epoch_energy_neg"]
     assert summary["rollbacks"] == 0 and math.isfinite(e_pos) and math.isfinite(e_neg)
     assert e_pos < e_neg  # data likelier than the model's own samples
+
+
+# ------------------------------------------------------------------------------------------------
+# .ci/gpu: the GPU check, run at tiny size on the CPU so that the script itself does not rot
+# ------------------------------------------------------------------------------------------------
+
+def test_gpu_check_script_runs_on_the_cpu_at_tiny_size(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / ".ci" / "gpu"), "--cpu-smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {row["check"]: row for row in json.loads((tmp_path / "gpu_check.json").read_text())}
+    assert (tmp_path / "gpu_check.md").read_text().count("\n") == len(rows) + 2  # header, rule, one line per row
+    for model in MODELS:
+        assert rows[f"{model} --bench (eager, default precision)"]["status"] == "ok"
+        assert rows[f"{model} --bench --no-amp"]["precision"] == "float32"
+        assert rows[f"{model}: train 1 epoch, --resume to 2, --sample"]["status"] == "ok"
+        assert rows[f"{model} --bench --compile"]["status"] == "skipped"  # with its reason
+    assert rows["ncsn: NaN every second step, skipped (default precision)"]["adam_steps"] == 2
+    float16 = rows["ncsn: NaN every second step, skipped (float16 precision)"]
+    assert float16["status"] == "ok" and float16["loss_scale"] < 2**16  # the GradScaler backed off, on the CPU
+    assert all(row["status"] in ("ok", "skipped") and (row["status"] == "ok" or row["why"]) for row in rows.values())
