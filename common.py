@@ -31,21 +31,26 @@ class UserError(Exception):
 
 
 def positive_int(text):  # argparse types, shared by every script's command line
-    value = int(text)
-    if value < 1:
+    if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    return int(text)
 
 
 def positive_float(text):
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
 def non_negative_float(text):
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not value >= 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
