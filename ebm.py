@@ -1,6 +1,6 @@
 """An energy-based model (EBM) of CIFAR-10, trained by contrastive divergence with SGLD and a replay buffer.
 
-    python ebm.py                                   # train with IGEBM's settings (width 128, K = 60)
+    python ebm.py                                   # train IGEBM's unconditional CIFAR-10 model (18.6M, K = 60)
     python ebm.py --toy                             # 2-D demo on the CPU in under a minute
     python ebm.py --sample runs/RUN --n 64          # fresh samples; --eval RUN, --inpaint RUN, --bench
     torchrun --standalone --nproc_per_node=8 ebm.py # the same on 8 GPUs
@@ -31,7 +31,7 @@ U(0, 1) noise), so a chain continues across training steps (persistent CD, Tiele
 The loss (IGEBM's regularisation) adds an L2 penalty on the energies, which keeps them near zero so that
 E(x+) - E(x-) cannot win by letting both run off to infinity:
 
-    L = E(x+) - E(x-) + alpha * (E(x+)^2 + E(x-)^2),   alpha = 1;   Adam(lr 1e-4, betas (0, 0.999)).
+    L = E(x+) - E(x-) + alpha * (E(x+)^2 + E(x-)^2),   alpha = 1;   Adam(lr 3e-4, betas (0, 0.999)).
 
 A density needs continuous data: pixels k/255 become (k + u) / 256, u ~ U(0, 1) (uniform
 dequantization), so the model cannot put infinite density on the 256 discrete values.
@@ -70,7 +70,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 import common
@@ -96,7 +96,7 @@ def parse_args(argv=None):
     # the flags every script shares
     p.add_argument("--epochs", type=positive_int, default=100, help="passes over the training set")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per step, all processes together")
-    p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (IGEBM: 1e-4)")
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="Adam learning rate (IGEBM's code: 3e-4)")
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], default="auto", help="where to run")
     p.add_argument("--data", default="cifar10", help="'cifar10' or any folder of images")
@@ -129,7 +129,10 @@ def parse_args(argv=None):
                    help="start --sample/--eval chains from the saved replay buffer (as IGEBM's samples) or from U(0,1)")
     p.add_argument("--ood", choices=("svhn",), help="--eval: also score SVHN's test set (downloaded by torchvision)")
     # the network
-    p.add_argument("--width", type=positive_int, default=128, help="channels of the first ResNet stage (IGEBM: 128)")
+    p.add_argument("--width", type=positive_int, default=128,
+                   help="channels of the first ResNet stage (IGEBM: 128, 18.6M parameters)")
+    p.add_argument("--dropout", type=probability, default=0.5,
+                   help="dropout in every block, in training and its SGLD (IGEBM: 0.5)")
     # the loss, the sampler, the replay buffer, the safety net
     p.add_argument("--alpha", type=non_negative_float, default=1.0, help="weight of alpha (E+^2 + E-^2) (IGEBM: 1)")
     p.add_argument("--sgld-steps", type=positive_int, default=60, help="SGLD steps K per training step (IGEBM: 60)")
@@ -150,6 +153,8 @@ def parse_args(argv=None):
     args.steps = args.steps or args.sgld_steps
     if args.max_rollbacks < 0:
         p.error(f"--max-rollbacks must not be negative, got {args.max_rollbacks}")
+    if args.dropout == 1:
+        p.error("--dropout must be below 1 (1 would drop every unit)")
     if args.track and importlib.util.find_spec("wandb") is None:
         p.error("--track needs wandb: pip install wandb")
     return args
@@ -168,43 +173,93 @@ def read_config(run):
 # ----------------------------------------------------------------------------------------------
 # The energy network
 # ----------------------------------------------------------------------------------------------
-# SGLD moves images along -grad_x E, so the network's *input gradient* is what generates images.
-# ReLU makes E piecewise linear in x: its gradient is piecewise constant and jumps between regions,
-# and dead units pass no gradient at all. SiLU (Swish) is smooth, so grad_x E varies smoothly and
-# SGLD follows the landscape. No BatchNorm: an image's energy must not depend on the other images
-# in its batch (positives and negatives would get different statistics, a give-away).
-# Spectral normalisation bounds each layer's Lipschitz constant, so the energy cannot become
-# arbitrarily steep: the main stabiliser of IGEBM's training.
+# IGEBM's unconditional CIFAR-10 network (ResNet32Large in the official code, models.py; the conditional
+# model is a smaller ResNet32): a stem conv and nine residual blocks, three each at 128, 256 and 512
+# channels, the first of each width halving the resolution (32 -> 16 -> 8 -> 4), sum pooling, a linear
+# layer: 18.6M parameters. Dropout 0.5 inside every block, as IGEBM's training runs it (also during SGLD).
+# No BatchNorm: an image's energy must not depend on the other images in its batch.
+# Spectral normalisation bounds each conv's Lipschitz constant, so the energy cannot become arbitrarily
+# steep: the main stabiliser of IGEBM's training. The final linear layer has none (IGEBM): it only scales E.
+# Ordinary conv biases where IGEBM adds a learned bias to a conv's input (the same but at the zero-padded
+# border). One real change, SiLU for IGEBM's leaky ReLU (and its ReLU before the pooling): SGLD moves images along
+# -grad_x E, so the network's *input gradient* is what generates images. (Leaky) ReLU makes E piecewise
+# linear in x, its gradient piecewise constant, jumping between regions; SiLU is smooth, so grad_x E varies
+# smoothly and SGLD follows the landscape.
+
+class SpectralNorm(nn.Module):
+    """The parametrisation W -> W / sigma(W), sigma = largest singular value of W as an (out, in*k*k) matrix,
+    by power iteration (Miyato et al. 2018); at_most_one: W / max(sigma, 1), which leaves a small weight alone.
+
+    One power-iteration step per forward in training mode (u and v are buffers); none in eval mode.
+    """
+
+    def __init__(self, weight, at_most_one=False, warmup=15):
+        super().__init__()
+        self.at_most_one = at_most_one
+        w = weight.detach().flatten(1)
+        u, v = F.normalize(torch.randn(len(w)), dim=0), None
+        for _ in range(warmup):  # start from a converged estimate, not a random one
+            v = F.normalize(w.T @ u, dim=0)
+            u = F.normalize(w @ v, dim=0)
+        self.register_buffer("u", u)
+        self.register_buffer("v", v)
+
+    def forward(self, weight):
+        with torch.autocast(weight.device.type, enabled=False):  # float32 even under autocast: sigma is one number
+            w = weight.flatten(1)
+            if self.training:
+                with torch.no_grad():
+                    self.v.copy_(F.normalize(w.T @ self.u, dim=0))
+                    self.u.copy_(F.normalize(w @ self.v, dim=0))
+            u, v = self.u.clone(), self.v.clone()  # copies: the next forward's power iteration must not change
+            sigma = u @ w @ v  # u^T W v, differentiable in W         # what this one's backward needs
+            return weight / sigma.clamp(min=1) if self.at_most_one else weight / sigma
+
+
+def dropout(h, p, training):
+    """Dropout. On the CPU its mask comes from torch.rand: F.dropout's bernoulli_ costs 4 times as much there, and
+    with a mask per block at every SGLD step it took 6-8% of the training time (README: the profile)."""
+    if not training or p == 0 or h.device.type != "cpu":
+        return F.dropout(h, p, training)
+    return h * (torch.rand_like(h) >= p) * (1 / (1 - p))
+
+
+def spectral_norm(layer, at_most_one=False):
+    return parametrize.register_parametrization(layer, "weight", SpectralNorm(layer.weight, at_most_one))
+
 
 class ResBlock(nn.Module):
-    """out = skip(x) + conv(silu(conv(silu(x)))), spectral-normalised; then optionally 2x average-pooled."""
+    """silu(skip(x) + g * conv2(silu(dropout(conv1(x))))), 2x average-pooled after the sum if down (IGEBM)."""
 
-    def __init__(self, c_in, c_out, down):
+    def __init__(self, c_in, c_out, down, dropout):
         super().__init__()
         self.conv1 = spectral_norm(nn.Conv2d(c_in, c_out, 3, padding=1))
-        self.conv2 = spectral_norm(nn.Conv2d(c_out, c_out, 3, padding=1))
-        self.skip = spectral_norm(nn.Conv2d(c_in, c_out, 1)) if c_in != c_out else nn.Identity()
-        self.down = down
+        conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.normal_(conv2.weight, std=1e-10), nn.init.zeros_(conv2.bias)  # every block starts as the identity:
+        self.conv2 = spectral_norm(conv2, at_most_one=True)  # W / max(sigma, 1) keeps it near 0 (W / sigma would not)
+        self.gain = nn.Parameter(torch.ones(c_out, 1, 1))  # lets the branch grow past SN's bound of 1
+        self.skip = spectral_norm(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)) if c_in != c_out else nn.Identity()
+        self.down, self.dropout = down, dropout
 
     def forward(self, x):
-        out = self.skip(x) + self.conv2(F.silu(self.conv1(F.silu(x))))
-        return F.avg_pool2d(out, 2) if self.down else out
+        h = F.silu(dropout(self.conv1(x), self.dropout, self.training))
+        out = self.skip(x) + self.gain * self.conv2(h)
+        return F.silu(F.avg_pool2d(out, 2) if self.down else out)
 
 
 class EnergyNet(nn.Module):
-    """IGEBM's CIFAR-10 ResNet: (B, 3, 32, 32) in [0, 1] -> energies (B,). Six blocks, 32 -> 16 -> 8 -> 4."""
+    """(B, 3, 32, 32) in [0, 1] -> energies (B,). Channels width, 2 width, 4 width; 18.6M parameters at 128."""
 
-    def __init__(self, width=128):
+    def __init__(self, width=128, dropout=0.5):
         super().__init__()
-        w = width
-        self.stem = spectral_norm(nn.Conv2d(3, w, 3, padding=1))
-        self.blocks = nn.Sequential(ResBlock(w, w, True), ResBlock(w, w, False), ResBlock(w, 2 * w, True),
-                                    ResBlock(2 * w, 2 * w, False), ResBlock(2 * w, 2 * w, True),
-                                    ResBlock(2 * w, 2 * w, False))
-        self.head = spectral_norm(nn.Linear(2 * w, 1))
+        self.stem = spectral_norm(nn.Conv2d(3, width, 3, padding=1, bias=False))
+        channels = [width] * 3 + [2 * width] * 3 + [4 * width] * 3
+        self.blocks = nn.Sequential(*[ResBlock(c_in, c_out, i % 3 == 0, dropout)  # 32 -> 16 -> 8 -> 4
+                                      for i, (c_in, c_out) in enumerate(zip([width, *channels], channels))])
+        self.head = nn.Linear(4 * width, 1)
 
     def forward(self, x):
-        h = F.silu(self.blocks(self.stem(2 * x - 1)))  # (B, 2w, 4, 4)
+        h = self.blocks(F.silu(self.stem(x)))  # (B, 4 width, 4, 4)
         return self.head(h.sum((2, 3))).squeeze(1)  # sum pooling (IGEBM), then a scalar per image
 
 
@@ -224,7 +279,7 @@ def contrastive_divergence_loss(energy_pos, energy_neg, alpha):
     The negatives come from SGLD and carry no gradient: only the first two terms' dependence on theta
     is differentiated, which is exactly the maximum-likelihood gradient of the docstring.
     """
-    return energy_pos.mean() - energy_neg.mean() + alpha * (energy_pos**2 + energy_neg**2).mean()
+    return energy_pos.mean() - energy_neg.mean() + alpha * ((energy_pos**2).mean() + (energy_neg**2).mean())
 
 
 def sgld(energy, x, steps, step_size, noise, grad_clip=None, bounds=(0.0, 1.0), mask=None, generator=None,
@@ -241,19 +296,20 @@ def sgld(energy, x, steps, step_size, noise, grad_clip=None, bounds=(0.0, 1.0), 
     grad_norm = torch.zeros((), device=x.device)
     x = x.detach()
     chain = [x] if every else []
-    for k in range(steps):
-        x.requires_grad_(True)
-        with torch.enable_grad():  # gradients with respect to x only: nothing accumulates in the parameters
-            grad = torch.autograd.grad(energy(x).sum(), x)[0]
-        grad_norm += grad.flatten(1).norm(dim=1).mean() / steps
-        if grad_clip is not None:
-            grad = grad.clamp(-grad_clip, grad_clip)
-        move = -step_size * grad + noise * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = x.detach() + (move if mask is None else move * mask)
-        if bounds is not None:
-            x = x.clamp(*bounds)
-        if every and (k + 1) % every == 0:
-            chain.append(x)
+    with parametrize.cached():  # the spectral-normalised weights are computed once per chain, not once per step
+        for k in range(steps):
+            x.requires_grad_(True)
+            with torch.enable_grad():  # gradients with respect to x only: nothing accumulates in the parameters
+                grad = torch.autograd.grad(energy(x).sum(), x)[0]
+            grad_norm += grad.flatten(1).norm(dim=1).mean() / steps
+            if grad_clip is not None:
+                grad = grad.clamp(-grad_clip, grad_clip)
+            move = -step_size * grad + noise * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x.detach() + (move if mask is None else move * mask)
+            if bounds is not None:
+                x = x.clamp(*bounds)
+            if every and (k + 1) % every == 0:
+                chain.append(x)
     return x, grad_norm, chain
 
 
@@ -287,7 +343,7 @@ class ReplayBuffer:
 def build(args, device):
     """The energy network (channels_last on a GPU: faster convolutions), the optimiser and the gradient
     scaler (active only for float16). No EMA: IGEBM samples with the current weights."""
-    net = EnergyNet(args.width)
+    net = EnergyNet(args.width, args.dropout)
     net = net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.0, 0.999), fused=True)  # beta1 = 0 (IGEBM)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
@@ -302,13 +358,16 @@ def train_step(model, energy, net, optimizer, scaler, buffer, x, args, dtype):
     """
     x_pos = (x * 255 + torch.rand_like(x)) / 256  # uniform dequantization: a density over [0, 1], not 256 spikes
     x_neg, idx = buffer.sample(len(x_pos))
-    # eval: spectral norm's power iteration runs only in the update below, not 60 times per step;
-    # no grad for the weights: SGLD needs grad_x E only (a compiled backward would compute both)
-    net.eval().requires_grad_(False)
+    # no grad for the weights: SGLD needs grad_x E only (a compiled backward would compute both). The network
+    # stays in training mode, so dropout is on in the chains too: IGEBM's training graph builds its model with
+    # train=True and runs the chains through that same forward; its masks move pixels about as much as the
+    # 0.005 noise does (measured, README). bf16 is safe here: the chain's state x stays float32, and bf16 moves
+    # differ from float32 ones by 3e-5 per pixel on average, over 100 times less than the noise (README).
+    net.requires_grad_(False)
     with autocast(x.device, dtype):
         x_neg, sgld_grad_norm, _ = sgld(lambda v: energy(v).float(), x_neg, args.sgld_steps, args.sgld_step_size,
                                         args.sgld_noise, args.sgld_grad_clip)
-    net.train().requires_grad_(True)
+    net.requires_grad_(True)
     buffer.push(x_neg, idx)
     with autocast(x.device, dtype):
         energies = model(torch.cat([x_pos, x_neg])).float()  # one forward for both: one DDP all-reduce
@@ -330,7 +389,7 @@ def train_step(model, energy, net, optimizer, scaler, buffer, x, args, dtype):
 @torch.no_grad()
 def test_metrics(net, test_images, args, device, dtype):
     """Mean energy of test images (at the centres of their dequantization bins): compare it with E(x+)."""
-    net.eval()  # no power iteration: measuring must not change the spectral norms (rank 0 alone measures)
+    net.eval()  # no dropout, no power iteration: measuring must not change the spectral norms (rank 0 alone measures)
     x = (test_images.float() + 0.5) / 256
     with autocast(device, dtype):
         energy = torch.cat([net(b.to(device)).float() for b in x.split(args.batch_size)]).mean().item()
@@ -537,10 +596,14 @@ def load_svhn(data_root, n):
 
 
 def ood_sets(test, generator):
-    """Out-of-distribution inputs as in IGEBM and JEM, each (N, 3, 32, 32) in [0, 1]."""
+    """Out-of-distribution inputs, each (N, 3, 32, 32). IGEBM's own evaluation (its code's mixenergy task) scores
+    test images against SVHN (--ood svhn), CIFAR-100, textures, the average of two test images and N(0.5, 0.5^2)
+    noise; the last two run offline, and so do uniform noise, constant colours, noisy and pixel-shuffled images."""
     n = len(test)
     return {"uniform noise": torch.rand(n, 3, 32, 32, generator=generator),
             "constant colour": torch.rand(n, 3, 1, 1, generator=generator).expand(n, 3, 32, 32),
+            "average of two test images (IGEBM)": (test + test.roll(1, 0)) / 2,
+            "gaussian noise 0.5 + 0.5 N(0, 1) (IGEBM)": 0.5 + 0.5 * torch.randn(test.shape, generator=generator),
             "heavy noise (sigma 0.3)": (test + 0.3 * torch.randn(test.shape, generator=generator)).clamp(0, 1),
             "shuffled pixels": torch.stack([x.flatten(1)[:, torch.randperm(1024, generator=generator)].view(3, 32, 32)
                                             for x in test])}
@@ -621,18 +684,20 @@ TOY = {"hidden": 128, "iterations": 3000, "batch": 128, "steps": 10, "eps": 0.00
        "box": 4.0}
 
 
-def train_toy(name, iterations=None, seed=1):
+def train_toy(name, iterations=None, seed=1, steps=None, chains=None, restart_rate=0.05):
+    """The toy energy and its replay buffer. steps and chains (SGLD steps, negatives per update) default to TOY's;
+    restart_rate 1 makes every chain start from noise: short-run chains (Nijkamp et al. 2019), not persistent ones."""
     torch.manual_seed(seed)
     g, box = torch.Generator().manual_seed(seed), TOY["box"]
     net = toy_energy_net(TOY["hidden"])
     optimizer = torch.optim.Adam(net.parameters(), lr=TOY["lr"], betas=(0.0, 0.999))
-    buffer = ReplayBuffer(10000, (2,), "cpu", 0.05, low=-box, high=box)
+    buffer = ReplayBuffer(10000, (2,), "cpu", restart_rate, low=-box, high=box)
     for _ in range(iterations or TOY["iterations"]):
-        x_neg, idx = buffer.sample(TOY["batch"])
-        x_neg, _, _ = sgld(net, x_neg, TOY["steps"], TOY["eps"] / 2, math.sqrt(TOY["eps"]), bounds=(-box, box))
+        x_neg, idx = buffer.sample(chains or TOY["batch"])
+        x_neg, _, _ = sgld(net, x_neg, steps or TOY["steps"], TOY["eps"] / 2, math.sqrt(TOY["eps"]), bounds=(-box, box))
         buffer.push(x_neg, idx)
-        e_pos, e_neg = net(torch.cat([common.toy_data(name, TOY["batch"], g), x_neg])).chunk(2)
-        loss = contrastive_divergence_loss(e_pos, e_neg, TOY["alpha"])
+        energies = net(torch.cat([common.toy_data(name, TOY["batch"], g), x_neg]))
+        loss = contrastive_divergence_loss(energies[:TOY["batch"]], energies[TOY["batch"]:], TOY["alpha"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -691,7 +756,8 @@ def bench(args, repeats=3):
     buffer = ReplayBuffer(max(args.batch_size, 256), (3, 32, 32), device, args.restart_rate)
     x = torch.rand(args.batch_size, 3, 32, 32, device=device)
 
-    def chains():
+    def chains():  # as --sample runs them: dropout off, no gradients for the weights
+        net.eval().requires_grad_(False)
         with autocast(device, dtype):
             sgld(lambda v: energy(v).float(), x, args.sgld_steps, args.sgld_step_size, args.sgld_noise,
                  args.sgld_grad_clip)

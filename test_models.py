@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 import common
 import ebm
 import ncsn
 import vae
+from experiments import ebm_chains, ebm_ood, ebm_precision
 
 ROOT = Path(__file__).resolve().parent
 REAL_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
@@ -1010,9 +1012,10 @@ def test_ebm_divergence_rolls_back_to_the_last_good_checkpoint_with_a_lower_lr(t
     run = ebm.main(argv)
     rows = common.read_metrics(run)
     rollback = [r for r in rows if "rollback" in r]
-    assert len(rollback) == 1 and rollback[0]["lr"] == pytest.approx(0.5e-4) and rollback[0]["step"] == 7
+    lowered = pytest.approx(0.5 * ebm.parse_args([]).lr)
+    assert len(rollback) == 1 and rollback[0]["lr"] == lowered and rollback[0]["step"] == 7
     assert "rolled back" in capsys.readouterr().err
-    assert rows[-1]["step"] == 8 and rows[-1]["lr"] == pytest.approx(0.5e-4)  # the run continued to the end
+    assert rows[-1]["step"] == 8 and rows[-1]["lr"] == lowered  # the run continued to the end
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["rollbacks"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["net"].values()) and torch.isfinite(ckpt["buffer"]).all()
@@ -1037,7 +1040,8 @@ def test_ebm_sample_inpaint_eval_and_ood(tiny_images, tmp_path, monkeypatch):
     assert result == json.loads((run / "eval.json").read_text()) and result["n_samples"] == 16
     assert math.isfinite(result["fid"]) and result["n_test"] == 16
     assert set(result["ood_auroc"]) == {"uniform noise", "constant colour", "heavy noise (sigma 0.3)",
-                                        "shuffled pixels"}
+                                        "shuffled pixels", "average of two test images (IGEBM)",
+                                        "gaussian noise 0.5 + 0.5 N(0, 1) (IGEBM)"}
     assert all(0 <= v <= 1 for v in result["ood_auroc"].values()) and (run / "eval_energies.png").exists()
 
     def offline(*args, **kwargs):
@@ -1056,6 +1060,164 @@ def test_ebm_toy_command_writes_its_figure(tmp_path, monkeypatch):
     run = only_run(tmp_path)
     assert (run / "toy.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run / "toy.json").read_text())["data"] == "rings"
+
+
+def official_parameter_count(w):
+    """IGEBM's ResNet32Large (models.py, utils.py of openai/ebm_code_release) counted from its layout, not from
+    our code: stem 3x3 conv without bias; per block conv1 (3x3) + its input bias, conv2 (3x3) + input bias +
+    output gain, a 3x3 shortcut conv where the channels change; fc 4w -> 1. Our conv1 bias is per output
+    channel instead of per input channel, which adds c_out - c_in where the channels change."""
+    blocks = [(w, w)] * 3 + [(w, 2 * w)] + [(2 * w, 2 * w)] * 2 + [(2 * w, 4 * w)] + [(4 * w, 4 * w)] * 2
+    total = 9 * 3 * w + 4 * w + 1
+    for c_in, c_out in blocks:
+        total += 9 * c_in * c_out + c_in + 9 * c_out * c_out + 2 * c_out + (9 * c_in * c_out if c_in != c_out else 0)
+    return total, sum(c_out - c_in for c_in, c_out in blocks)
+
+
+def test_ebm_default_network_is_igebms_unconditional_resnet32large():
+    # bugs this catches: the conditional ResNet32 (6 blocks, 2 widths), a missing block, downsampling in the wrong
+    # block, a 1x1 shortcut, spectral norm on the final linear layer, a conv left without spectral norm
+    net = ebm.EnergyNet(8)
+    blocks = list(net.blocks)
+    assert len(blocks) == 9
+    assert [b.conv1.out_channels for b in blocks] == [8] * 3 + [16] * 3 + [32] * 3
+    sizes, x = [], torch.rand(2, 3, 32, 32)
+    hooks = [b.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for b in blocks]
+    assert net.eval()(x).shape == (2,)
+    assert sizes == [16, 16, 16, 8, 8, 8, 4, 4, 4]  # the first block of each width halves the resolution
+    [h.remove() for h in hooks]
+    shortcuts = [i for i, b in enumerate(blocks) if isinstance(b.skip, torch.nn.Conv2d)]
+    assert shortcuts == [3, 6] and all(blocks[i].skip.kernel_size == (3, 3) for i in shortcuts)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 1 + 2 * 9 + 2 and all(parametrize.is_parametrized(c, "weight") for c in convs)
+    assert not parametrize.is_parametrized(net.head) and net.head.in_features == 32
+    # the size: 18.6M at width 128, and 384 more than IGEBM's own count (our conv1 bias, see above)
+    official, extra = official_parameter_count(128)
+    assert official == 18_591_105 and extra == 384
+    assert sum(p.numel() for p in ebm.EnergyNet(128).parameters()) == official + extra
+    assert sum(p.numel() for p in net.parameters()) == sum(official_parameter_count(8))
+
+
+def test_ebm_blocks_start_as_the_identity_because_conv2_is_zero_and_only_bounded():
+    # bug this catches: conv2 spectral-normalised as W / sigma (plain SN), which blows its 1e-10 initial weights up
+    # to norm 1; or conv2 not zero-initialised. Either way a block would no longer start as silu(x).
+    torch.manual_seed(0)
+    net = ebm.EnergyNet(8).eval()
+    for block in net.blocks:
+        assert block.conv2.weight.abs().max() < 1e-6
+    block, x = net.blocks[1], torch.randn(4, 8, 16, 16)  # an identity-shortcut block, no pooling
+    assert torch.allclose(block(x), torch.nn.functional.silu(x), atol=1e-5)
+
+
+def test_ebm_spectral_norm_divides_by_the_largest_singular_value():
+    # bugs this catches: dividing by sigma^2 or by the Frobenius norm, a power iteration that does not converge
+    # (u and v swapped), the bounded variant scaling small weights up
+    torch.manual_seed(0)
+    conv = ebm.spectral_norm(torch.nn.Conv2d(16, 32, 3))
+    for _ in range(200):  # power iterations in training mode (slow to converge on a random matrix)
+        weight = conv.weight
+    assert torch.linalg.matrix_norm(weight.detach().flatten(1), 2).item() == pytest.approx(1, abs=3e-3)
+    small = torch.nn.Conv2d(16, 32, 3)
+    torch.nn.init.normal_(small.weight, std=1e-3)  # spectral norm well below 1
+    original = small.weight.detach().clone()
+    small = ebm.spectral_norm(small, at_most_one=True)
+    assert torch.allclose(small.weight, original)  # left alone
+    big = ebm.spectral_norm(torch.nn.Conv2d(16, 32, 3), at_most_one=True)
+    with torch.no_grad():
+        big.parametrizations.weight.original.mul_(100)
+    for _ in range(200):
+        weight = big.weight
+    assert torch.linalg.matrix_norm(weight.detach().flatten(1), 2).item() == pytest.approx(1, abs=3e-3)
+    # eval mode: no power iteration, so measuring does not change the model
+    u = big.parametrizations.weight[0].u.clone()
+    _ = big.eval().weight
+    assert torch.equal(big.parametrizations.weight[0].u, u)
+
+
+def test_ebm_sgld_computes_the_normalised_weights_once_per_chain():
+    # bug this catches: SGLD recomputing every spectral norm (and its power iteration) at every one of its K steps
+    net = ebm.EnergyNet(4).requires_grad_(False)
+    calls = []
+    for module in net.modules():
+        if isinstance(module, ebm.SpectralNorm):
+            module.register_forward_hook(lambda *a: calls.append(1))
+    layers = sum(isinstance(m, ebm.SpectralNorm) for m in net.modules())
+    ebm.sgld(net, torch.rand(2, 3, 32, 32), 5, 10.0, 0.005, 0.01)
+    assert len(calls) == layers  # once per layer for the whole chain, not 5 times
+
+
+def test_ebm_training_chains_run_with_dropout_on_as_igebm(tiny_images, tmp_path):
+    # bug this catches: net.eval() around the training chains, which would switch dropout off there (IGEBM's
+    # training graph samples with train=True); and dropout left on where samples are drawn for evaluation
+    args = ebm.parse_args(train_args("ebm", tiny_images, tmp_path))
+    net, optimizer, scaler = ebm.build(args, torch.device("cpu"))
+    buffer = ebm.ReplayBuffer(64, (3, 32, 32), "cpu")
+    seen, dropout = [], ebm.dropout
+    ebm.dropout = lambda h, p, training: seen.append(training) or dropout(h, p, training)
+    try:
+        ebm.train_step(net, net, net, optimizer, scaler, buffer, torch.rand(16, 3, 32, 32), args, None)
+        assert len(seen) == 9 * (args.sgld_steps + 1) and all(seen)  # K chain steps and the update
+        seen.clear()
+        ebm.draw_samples(net.eval(), buffer.samples, 4, ebm.parse_args([*TINY["ebm"], "--steps", "2"]),
+                         torch.device("cpu"), None)
+        assert seen and not any(seen)
+    finally:
+        ebm.dropout = dropout
+
+
+def test_ebm_cpu_dropout_keeps_the_mean_and_drops_the_fraction_p():
+    # bugs this catches: a mask keeping p instead of 1 - p, a missing 1 / (1 - p) rescaling, dropout in eval mode
+    torch.manual_seed(0)
+    h = torch.ones(200_000)
+    out = ebm.dropout(h, 0.3, True)
+    assert (out == 0).float().mean().item() == pytest.approx(0.3, abs=0.005)
+    assert out.mean().item() == pytest.approx(1, abs=0.01)
+    assert torch.equal(ebm.dropout(h, 0.3, False), h)
+
+
+def test_ebm_chains_measures_have_known_answers():
+    # bugs this catches: a true density that does not integrate to 1 (a dropped 1/3 or std^2), weights normalised
+    # over the grid instead of the modes, the reweighting applied the wrong way round
+    points, area = ebm_chains.grid(60)
+    for name in ebm_chains.TOYS:
+        p = ebm_chains.true_density(name, points)
+        assert p.sum().item() * area == pytest.approx(1, abs=0.01)
+        exact = ebm_chains.compare(name, p, points)
+        assert exact["tv"] < 1e-9 and exact["weight_tv"] < 1e-9 and exact["shape_tv"] < 1e-9
+        assert exact["location_std"] < 1e-9 and exact["covered"] == exact["modes"]
+    p = ebm_chains.true_density("8gaussians", points)
+    region, _ = ebm_chains.mode_regions("8gaussians", points)
+    heavier = ebm_chains.compare("8gaussians", p * torch.where(region == 0, 2.0, 1.0), points)
+    # mode 0 holds 2/9 of the modes' mass instead of 1/8, the others 1/9: weight tv = (7/72 + 7/72) / 2
+    assert heavier["weight_tv"] == pytest.approx(7 / 72, abs=1e-3)
+    assert heavier["shape_tv"] < 1e-6 and heavier["location_std"] < 1e-6 and heavier["tv"] > 0.05
+    gone = ebm_chains.compare("8gaussians", p * torch.where(region == 0, 0.1, 1.0), points)
+    assert gone["covered"] == 7
+
+
+def test_ebm_chains_experiment_runs_at_a_tiny_size_with_equal_sgld_evaluations(tmp_path):
+    results = ebm_chains.main(["--iterations", "4", "--seeds", "1", "--grid", "30", "--out", str(tmp_path),
+                               "--figure", str(tmp_path / "chains.png")])
+    assert len(results) == len(ebm_chains.TOYS) * len(ebm_chains.SCHEMES)
+    assert len({r["sgld_evaluations"] for r in results}) == 1  # every scheme gets the same budget
+    assert all(0 <= r["tv"] <= 1 and 0 <= r["weight_tv"] <= 1 for r in results)
+    table = (tmp_path / "table.md").read_text()
+    assert all(s in table for s in ebm_chains.SCHEMES) and (tmp_path / "chains.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
+
+
+def test_ebm_precision_and_ood_experiments_run_on_a_trained_run(tiny_images, tmp_path):
+    run = ebm.main(train_args("ebm", tiny_images, tmp_path, "--epochs", 1))
+    ood = ebm_ood.main([str(run), "--limit-test", "16"])
+    assert ood["n_test"] == 16 and set(ood["ood"]) == set(ebm.ood_sets(torch.rand(2, 3, 32, 32), None))
+    assert all(row["n"] == 16 and 0 <= row["auroc"] <= 1 for row in ood["ood"].values())
+    assert json.loads((run / "ood.json").read_text()) == json.loads(json.dumps(ood))
+    assert (run / "ood_energies.png").exists()
+    result = ebm_precision.main([str(run), "--n", "8", "--chains", "4", "--steps", "2"])
+    assert json.loads((run / "precision.json").read_text()) == json.loads(json.dumps(result))
+    moves = result["moves"]["test images"]
+    assert moves["n"] == 8 and 0 <= moves["move_abs_diff_mean"] <= 2 * 10 * 0.01
+    assert math.isfinite(result["chains"]["final_abs_diff_bf16"])
 
 
 @pytest.mark.skipif(not REAL_DATA.exists(), reason="the shared CIFAR-10 JPEG copy is not on this machine")
