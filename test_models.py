@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 import common
@@ -860,6 +861,97 @@ def test_vae_free_bits_stop_the_gradient_of_a_small_kl_only():
     assert kl.grad[:, 0].abs().sum() == 0 and (kl.grad[:, 1] > 0).all()
 
 
+def test_vae_iwae_bound_is_exactly_log_px_when_every_importance_weight_is_equal(monkeypatch):
+    """Replaces the constant-checking role of test_vae_iwae_bound_k1_is_the_elbo_in_expectation_and_k8_is_...,
+    which passes with a missing or wrong `- log K`. Here q(z|x) = p(z) and the decoder ignores z, so every
+    weight p(x|z_k) p(z_k) / q(z_k|x) equals p(x) and L_K = log p(x) exactly for every K; p(x) is computed
+    independently from the logistic CDF. Bug it catches: a missing `- math.log(k)` (off by log K), or a wrong
+    constant such as log(chunk) (K = 30 spans two chunks of 25)."""
+    m, g = 1, torch.Generator().manual_seed(0)
+    net = vae.VAE(width=8, blocks=1, latent_channels=4, mixtures=m)
+    params = torch.rand(1, 10, 32, 32, generator=g) * 2 - 1  # logits, 3 means, 3 log-scales, 3 coefficients
+    params[:, 4:7] = params[:, 4:7] / 2 - 0.5  # log-scales in [-1, 0]: every bin's mass is far from underflow
+    params[:, 7:] = 0.0  # no R -> G -> B coupling: three independent logistics per pixel
+    monkeypatch.setattr(net, "encode", lambda x: (torch.zeros(len(x), 4, 8, 8), torch.zeros(len(x), 4, 8, 8)))
+    monkeypatch.setattr(net, "decode", lambda z: params.expand(len(z), -1, -1, -1))
+    x = torch.randint(0, 256, (3, 3, 32, 32), generator=g).float() / 127.5 - 1  # edge values 0 and 255 included
+    mean, inv_s = params[:, 1:4].double(), torch.exp(-params[:, 4:7].double())  # (1, 3, 32, 32)
+    xd = x.double()
+    upper = torch.where(xd > 0.999, 1.0, torch.sigmoid(inv_s * (xd + 1 / 255 - mean)))
+    lower = torch.where(xd < -0.999, 0.0, torch.sigmoid(inv_s * (xd - 1 / 255 - mean)))
+    log_px = (upper - lower).log().sum((1, 2, 3))  # (3,) exact, in float64
+    for k in (1, 7, 30):
+        iwae = vae.iwae_logp(net, x, k, torch.Generator().manual_seed(k))
+        assert torch.allclose(iwae.double(), log_px, rtol=0, atol=0.05), (k, iwae - log_px)  # log 7 = 1.95
+
+
+def test_vae_decoder_samples_follow_the_discretized_likelihood():
+    """Samples of p(x|z) (what FID now scores) have the frequencies Eq. (3) assigns. Bugs it catches: the
+    logistic's inverse CDF with the wrong sign or scale, the component drawn from the wrong logits, the edge
+    bins closed, the G-on-R coupling applied to the mean instead of the drawn R."""
+    m, n = 3, 40_000
+    g = torch.Generator().manual_seed(0)
+    params = torch.randn(1, 10 * m, 1, 1, generator=g)
+    means, log_scales, coeffs = (params[0, m + i * 3 * m:m + (i + 1) * 3 * m].view(3, m) for i in range(3))
+    means[0] = torch.tensor([-0.95, 0.2, 0.9])  # R: mass in the bottom edge bin, the middle and near the top
+    log_scales[0] = torch.tensor([-2.5, -3.0, -4.0])
+    means[1:], log_scales[1:] = -5.0, -9.0  # G and B certain (value 0) whatever R is: P(R, G, B) = P(R)
+    coeffs[:] = 0.3
+    torch.manual_seed(1)
+    x = vae.sample_mixture(params.expand(n, -1, 1, 1), m)  # (n, 3, 1, 1)
+    assert (x[:, 1:] == -1).all() and torch.equal(x, ((x + 1) * 127.5).round() / 127.5 - 1)  # on the 256 values
+    counts = torch.bincount(((x[:, 0, 0, 0] + 1) * 127.5).round().long(), minlength=256).double()
+    values = torch.arange(256.0) / 127.5 - 1
+    grid = torch.stack([values, -torch.ones(256), -torch.ones(256)]).view(1, 3, 1, 256)
+    p = vae.discretized_logistic_mixture_logp(grid, params.expand(1, -1, 1, 256), m).exp().double().view(256)
+    assert p.sum() == pytest.approx(1.0, abs=1e-4) and counts[0] > 1000  # the open bottom bin is well used
+    z = (counts / n - p) / (p * (1 - p) / n).sqrt().clamp(min=1e-3)
+    assert z.abs().max() < 5, z.abs().max()
+    # coupling: a near-certain G sits at mean_G + alpha R, with R the value drawn (one component)
+    params = torch.tensor([0.0, 0.0, 0.1, -5.0, -1.0, -9.0, -9.0, math.atanh(0.5), 0.0, 0.0]).view(1, 10, 1, 1)
+    # logit; means R, G, B; log-scales (R wide, G and B certain); alpha = tanh(atanh 0.5): G = 0.1 + 0.5 R
+    x = vae.sample_mixture(params.expand(2000, -1, 1, 1), 1)
+    assert x[:, 0].std() > 0.3 and (x[:, 1] - (0.1 + 0.5 * x[:, 0])).abs().max() < 0.02  # a bin, and s = e^-7
+
+
+def test_vae_kl_weight_zero_leaves_no_kl_gradient_and_warm_up_scales_to_the_kl_weight():
+    """beta = --kl-weight x warm-up ramp; beta = 0 drops the KL from the loss, and the step's gradient is the
+    reconstruction term's alone. Bugs it catches: a warm-up that ramps to 1 whatever --kl-weight says (the
+    ramp used to be hard-wired to 1), free bits adding a KL term at beta = 0, and 0 * KL turning into NaN
+    once an unpenalised KL overflows."""
+    args = vae.parse_args(["--preset", "aasae"])
+    assert (args.kl_weight, args.augment, args.kl_warmup, args.free_bits) == (0.0, True, 0.0, 0.0)
+    assert all(vae.beta_at(step, 10, args) == 0 for step in range(50))
+    args = vae.parse_args(["--preset", "aasae", "--kl-warmup", "2", "--free-bits", "0.5"])
+    assert all(vae.beta_at(step, 10, args) == 0 for step in range(50))  # even with a warm-up and free bits
+    for weight in (1.0, 0.25):
+        args = vae.parse_args(["--kl-weight", str(weight), "--kl-warmup", "2"])
+        assert vae.beta_at(9, 10, args) == pytest.approx(weight / 2) and vae.beta_at(19, 10, args) == weight
+        assert vae.beta_at(500, 10, args) == weight
+    kl = torch.tensor([[0.5, float("inf")], [1.5, 7.0]], requires_grad=True)  # an overflowed KL
+    log_px_z = torch.tensor([-3000.0, -2000.0], requires_grad=True)
+    loss = vae.training_loss(log_px_z, kl, beta=0.0, free_nats=2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(2500 / 3072) and (kl.grad is None or not kl.grad.any())
+    # one real training step at beta = 0: its gradient is that of the reconstruction term alone
+    args = vae.parse_args(["--width", "8", "--blocks", "1", "--latent-channels", "4", "--mixtures", "2", "--preset",
+                           "aasae", "--free-bits", "0.5"])
+    torch.manual_seed(0)
+    net, _, optimizer, scaler = vae.build(args, torch.device("cpu"))
+    x = torch.rand(4, 3, 32, 32)
+    torch.manual_seed(1)
+    vae.train_step(net, net, optimizer, scaler, x, 0.0, args, {}, None)
+    ours = [p.grad.clone() for p in net.parameters()]
+    torch.manual_seed(0)
+    net, *_ = vae.build(args, torch.device("cpu"))
+    torch.manual_seed(1)  # the same view and the same eps
+    view = vae.augment(x) * 2 - 1
+    log_px_z, _ = net(x * 2 - 1, view)
+    (-log_px_z.mean() / 3072).backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+    assert all(torch.allclose(a, p.grad, rtol=1e-5, atol=1e-8) for a, p in zip(ours, net.parameters()))
+
+
 # ------------------------------------------------------------------------------------------------
 # vae.py: training and commands
 # ------------------------------------------------------------------------------------------------
@@ -908,6 +1000,125 @@ def test_vae_sample_interpolate_and_eval(tiny_images, tmp_path, capsys):
     assert result["n_samples"] == 16 and result["n_test"] == 16 and result["iw_samples"] == 4
     assert result["test_iwae_bpd"] <= result["test_bpd"] + 0.01 and math.isfinite(result["fid"])
     assert "IWAE" in capsys.readouterr().out
+
+
+def test_vae_aasae_encoder_sees_the_view_and_the_likelihood_scores_the_original(monkeypatch):
+    """Eq. (6): q(z|t(x)) and p(x|z). Bugs it catches: the encoder given x instead of the view (the step would
+    silently train a plain autoencoder), the likelihood scored on the view."""
+    args = vae.parse_args(["--width", "8", "--blocks", "1", "--latent-channels", "4", "--mixtures", "2", "--preset",
+                           "aasae"])
+    net, _, optimizer, scaler = vae.build(args, torch.device("cpu"))
+    seen = {}
+
+    def spy(name, fn):  # fn, recording its first argument
+        def recorded(x, *rest):
+            seen[name] = x
+            return fn(x, *rest)
+        return recorded
+
+    monkeypatch.setattr(net, "encode", spy("encoder", net.encode))
+    monkeypatch.setattr(vae, "discretized_logistic_mixture_logp", spy("scored", vae.discretized_logistic_mixture_logp))
+    x = torch.rand(4, 3, 32, 32)
+    torch.manual_seed(0)
+    vae.train_step(net, net, optimizer, scaler, x, 0.0, args, {}, None)
+    torch.manual_seed(0)
+    assert torch.equal(seen["encoder"], vae.augment(x) * 2 - 1) and torch.equal(seen["scored"], x * 2 - 1)
+
+
+def test_vae_augmentations_keep_shape_range_and_device_and_match_torchvision(monkeypatch):
+    """The batched views equal torchvision's per-image functions (the AASAE code applies those through PIL).
+    Bugs it catches: contrast blended with each channel's own mean (torchvision uses the grayscale mean),
+    the hue formula off by a sector, a crop box outside [-1, 1], a flip that does not mirror, and any tensor
+    made on the CPU (the meta device runs every op without data and refuses a mix of devices)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 32, 32, generator=g)
+    x[0] = x[0, :1]  # a grey image: no hue
+    brightness, contrast, saturation = (0.4 + 1.2 * torch.rand(6, generator=g) for _ in range(3))
+    hue = 0.5 * (2 * torch.rand(6, generator=g) - 1)
+    ours = vae.colour_jitter(x, brightness, contrast, saturation, hue)
+    theirs = torch.stack([TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
+        x[i], brightness[i].item()), contrast[i].item()), saturation[i].item()), hue[i].item()) for i in range(6)])
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    one, zero = torch.ones(6), torch.zeros(6)
+    assert torch.allclose(vae.resized_crop(x, one, one, zero, zero, one), x, atol=1e-6)  # the whole image
+    assert torch.allclose(vae.resized_crop(x, one, one, zero, zero, -one), x.flip(3), atol=1e-6)
+    quarter = vae.resized_crop(x, one / 2, one / 2, zero + 0.5, zero - 0.5, one)  # the top-right quarter, 2x
+    resized = F.interpolate(x[..., :16, 16:], size=32, mode="bilinear", align_corners=False)
+    assert torch.allclose(quarter[..., 1:-1, 1:-1], resized[..., 1:-1, 1:-1], atol=1e-5)  # (borders: see below)
+    torch.manual_seed(0)
+    views = vae.augment(x.repeat(50, 1, 1, 1))
+    assert views.shape == (300, 3, 32, 32) and views.dtype == torch.float32
+    assert views.min() >= 0 and views.max() <= 1 and not torch.equal(views, x.repeat(50, 1, 1, 1))
+    gray = (views[:, 0] == views[:, 1]).flatten(1).all(1) & (views[:, 1] == views[:, 2]).flatten(1).all(1)
+    assert 0.1 < gray.view(50, 6)[:, 1:].float().mean() < 0.3  # p = 0.2 (image 0 of each copy is grey already)
+    meta = vae.augment(torch.empty(4, 3, 32, 32, device="meta"))
+    assert meta.device.type == "meta" and meta.shape == (4, 3, 32, 32)
+    boxes = []  # the crop boxes augment draws: inside the image, RandomResizedCrop's area and aspect ratio
+    monkeypatch.setattr(vae, "resized_crop", lambda x, *box: boxes.append(box) or x)
+    vae.augment(torch.rand(4000, 3, 32, 32))
+    width, height, centre_x, centre_y, flip = boxes[0]
+    assert ((centre_x.abs() + width <= 1 + 1e-6) & (centre_y.abs() + height <= 1 + 1e-6)).all()
+    assert (width * height >= 0.08 - 1e-6).all() and (width * height <= 1 + 1e-6).all()
+    free = (width < 1) & (height < 1)  # boxes that needed no shrinking keep their drawn aspect ratio
+    assert ((width / height)[free] >= 3 / 4 - 1e-6).all() and ((width / height)[free] <= 4 / 3 + 1e-6).all()
+    assert centre_x.std() > 0.2 and centre_y.std() > 0.2 and abs((flip == -1).float().mean() - 0.5) < 0.05
+
+
+def test_vae_linear_probe_separates_separable_classes_and_is_at_chance_on_shuffled_labels():
+    """Bugs it catches: a probe scored on its own training set, a bias that never trains, labels and features
+    out of step (shuffled rows), the standardisation computed on the test set."""
+    g = torch.Generator().manual_seed(0)
+    classes, dims = 5, 40
+    centres = 4 * torch.randn(classes, dims, generator=g)
+    labels = torch.randint(0, classes, (3000,), generator=g)
+    features = centres[labels] + torch.randn(3000, dims, generator=g) + 100  # an offset the bias must absorb
+    train, test = slice(0, 2000), slice(2000, 3000)
+    top1, _ = vae.linear_probe(features[train], labels[train], features[test], labels[test], classes)
+    assert top1 > 0.99
+    noise = torch.randn(3000, dims, generator=g)  # features that say nothing about the labels
+    top1, _ = vae.linear_probe(noise[train], labels[train], noise[test], labels[test], classes)
+    assert abs(top1 - 1 / classes) < 0.05  # chance is 0.2; the standard error at 1,000 test images is 0.013
+    shuffled = labels[torch.randperm(3000, generator=g)]  # real features, labels no longer theirs
+    top1, _ = vae.linear_probe(features[train], shuffled[train], features[test], shuffled[test], classes)
+    assert abs(top1 - 1 / classes) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# vae.py: training and commands
+# ------------------------------------------------------------------------------------------------
+
+def test_vae_aasae_preset_trains_resumes_evaluates_and_probes_without_claiming_bits_per_dim(
+        tiny_images, tmp_path, capsys):  # noqa: F811
+    """--preset aasae end to end: exact resume with the random views, no bits/dim anywhere (train log, test
+    rows, summary, eval) but a stated reason, the probe's three rows, and a clear error without labels."""
+    full = vae.main(train_args("vae", tiny_images, tmp_path / "a", "--preset", "aasae", "--epochs", 2))
+    half = vae.main(train_args("vae", tiny_images, tmp_path / "b", "--preset", "aasae", "--epochs", 1))
+    vae.main(["--resume", str(half), "--epochs", "2"])
+    assert checkpoints_equal(*(torch.load(r / "checkpoint.pt", weights_only=True) for r in (full, half)))
+    rows = common.read_metrics(full)
+    assert any("train_distortion_bpd" in r for r in rows) and any("test_distortion_bpd" in r for r in rows)
+    assert not any("train_bpd" in r or "test_bpd" in r for r in rows)
+    summary = json.loads((full / "summary.json").read_text())
+    assert "kl-weight 0" in summary["bits_per_dim"] and not {"final_test_bpd", "final_test_bpd_without_ema"} & set(
+        summary)
+    assert "no bits/dim" in capsys.readouterr().out
+    vae.main(["--eval", str(full), "--n", "16", "--iw-samples", "2", "--fid-extractor", "tiny-random"])
+    result = json.loads((full / "eval.json").read_text())
+    assert "test_bpd" not in result and "test_iwae_bpd" not in result and "kl-weight 0" in result["bits_per_dim"]
+    assert math.isfinite(result["fid"]) and math.isfinite(result["means_fid"])  # samples of p(x|z), and means
+    probe = vae.main(["--probe", str(full)])
+    saved = json.loads((full / "probe.json").read_text())
+    assert saved == json.loads(json.dumps(probe)) and saved["n_train"] == 64 and saved["n_test"] == 16
+    assert saved["classes"] == ["blobs_a", "blobs_b"] and saved["chance"] == 0.5
+    for name, dims in (("trained_encoder", 4 * 8 * 8), ("random_encoder", 4 * 8 * 8), ("raw_pixels", 3072)):
+        assert saved[name]["features"] == dims and 0 <= saved[name]["top1"] <= 1
+    flat = tmp_path / "flat"
+    write_images(flat, 40)
+    shutil.copy(full / "config.json", tmp_path / "config.json")
+    fails_cleanly(vae, ["--probe", full, "--data", flat, "--data-root", tmp_path / "data"], "--probe needs labels",
+                  capsys)
 
 
 @pytest.mark.skipif(not REAL_DATA.exists(), reason="the shared CIFAR-10 JPEG copy is not on this machine")

@@ -8,6 +8,8 @@
     python vae.py --interpolate runs/RUN                # walks in latent space between test images
     python vae.py --bench                               # throughput and memory of one training step
     python vae.py --data ../shared/data/cifar10-jpeg --width 16 --limit-train 4000   # a small CPU run
+    python vae.py --preset aasae                        # AASAE: no KL, augmented encoder input (Eq. 6)
+    python vae.py --probe runs/RUN                      # linear-probe accuracy of the posterior means
 
 The model (Kingma & Welling 2014, https://arxiv.org/abs/1312.6114; Rezende et al. 2014,
 https://arxiv.org/abs/1401.4082). A latent z ~ p(z) = N(0, I) is decoded into a distribution
@@ -58,6 +60,21 @@ latents (here: one channel map) while its batch-average KL is below lambda:
 
 Active units (Burda et al. 2016) count latent dimensions u with Cov_x(E_q[z_u]) > 0.01.
 
+AASAE (Falcon et al. 2021, https://arxiv.org/abs/2107.12329): the same network as a representation
+learner. Weight the KL by beta (--kl-weight; 1 is the VAE) and give the encoder a random view t(x)
+(crop, flip, colour jitter, grayscale: SimCLR's, Chen et al. 2020) while the decoder scores the original:
+
+    L_beta = E_t E_q(z|t(x)) [log p(x|z)] - beta KL(q(z|t(x)) || p(z))                            (6)
+
+--preset aasae is beta = 0: nothing pulls q toward the prior, and to rebuild x from any view the code
+must keep what survives a crop and a colour change, roughly what a class is. `--probe` measures it:
+a linear classifier on the posterior means (labels are read for that command only; training never
+sees them). Bits/dim and Eq. (6): Jensen's inequality (1) holds for every q, so q(z|t(x)) still gives
+a (looser) bound on log p(x), and the test metrics evaluate q on the original image anyway. What
+beta != 1 breaks is meaning, not validity: the run did not minimise the bound, and at beta = 0 the
+rate is free to grow without limit, so -ELBO would measure the missing regulariser, not the model.
+Such runs report distortion and rate, and say why there are no bits/dim.
+
 Where the field went: hierarchies of latents, trained with the same bound: IAF-VAE 3.11, BIVA 3.08
 (https://arxiv.org/abs/1902.02102), NVAE 2.91 (https://arxiv.org/abs/2007.03898), VDVAE 2.87
 (https://arxiv.org/abs/2011.10650) bits/dim on CIFAR-10. From VDVAE we take its stabiliser:
@@ -90,7 +107,11 @@ from common import IMAGE_DIMS, UserError, bits_per_dim, non_negative_float, posi
 # Arguments
 # ----------------------------------------------------------------------------------------------
 
-COMMANDS = ("resume", "sample", "eval", "interpolate", "bench")  # what to do now: never read from a run's config
+PRESETS = {  # the objective each paper fixes; anything given on the command line wins
+    "vae": dict(kl_weight=1.0, augment=False, kl_warmup=5.0, free_bits=0.05),
+    "aasae": dict(kl_weight=0.0, augment=True, kl_warmup=0.0, free_bits=0.0),  # kl_coeff 0 (AASAE's README)
+}
+COMMANDS = ("resume", "sample", "eval", "interpolate", "probe", "bench")  # never read from a run's config
 
 
 def parse_args(argv=None):
@@ -123,6 +144,7 @@ def parse_args(argv=None):
     p.add_argument("--sample", metavar="RUN", help="write --n samples of this run")
     p.add_argument("--eval", metavar="RUN", help="ELBO and IWAE bits/dim, then FID / IS / KID of this run")
     p.add_argument("--interpolate", metavar="RUN", help="latent interpolations between test images of this run")
+    p.add_argument("--probe", metavar="RUN", help="linear-probe top-1 of this run's encoder (and two baselines)")
     p.add_argument("--bench", action="store_true", help="measure training and sampling speed; write bench.json")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples for --sample / --eval")
     p.add_argument("--fid-extractor", default="inception-v3-compat", help="torch-fidelity feature extractor")
@@ -135,19 +157,26 @@ def parse_args(argv=None):
     p.add_argument("--latent-channels", type=positive_int, default=32, help="channels C of the latent map z")
     p.add_argument("--latent-size", type=int, choices=[4, 8, 16], default=8, help="z is C x size x size")
     p.add_argument("--mixtures", type=positive_int, default=10, help="logistic components per pixel")
-    # the objective and its stabilisers
+    # the objective and its stabilisers (defaults of the first four come from --preset)
+    p.add_argument("--preset", choices=PRESETS, default="vae", help="vae (default) or aasae (Eq. 6 with beta = 0)")
+    p.add_argument("--kl-weight", type=non_negative_float, help="beta of Eq. (6): 1 is the VAE, 0 is AASAE")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="the encoder sees a random view (crop, flip, colour jitter, grayscale), the decoder the image")
+    p.add_argument("--kl-warmup", type=non_negative_float, help="epochs for the KL weight 0 -> beta (vae: 5)")
+    p.add_argument("--free-bits", type=non_negative_float,
+                   help="lambda in nats per latent dimension, applied per channel map (vae: 0.05; 0: off)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW decoupled weight decay")
     p.add_argument("--warmup-steps", type=non_negative_float, default=200, help="linear learning-rate warm-up")
-    p.add_argument("--kl-warmup", type=non_negative_float, default=5.0, help="epochs for KL weight 0 -> 1")
-    p.add_argument("--free-bits", type=non_negative_float, default=0.05,
-                   help="lambda in nats per latent dimension, applied per channel map (0: off)")
     p.add_argument("--skip-factor", type=positive_float, default=10.0,
                    help="skip an update whose gradient norm exceeds this times its running average")
     args = p.parse_args(argv)
-    run = args.resume or args.sample or args.eval or args.interpolate
+    run = args.resume or args.sample or args.eval or args.interpolate or args.probe
     if run:  # the run's own settings become the defaults: `--resume RUN --epochs 300` keeps its width, data, ...
         p.set_defaults(**{k: v for k, v in read_config(run).items() if k not in COMMANDS})
         args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():  # the preset fills what is still unset
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if not 0 <= args.ema < 1:
         p.error(f"--ema must be in [0, 1), got {args.ema}")
     if args.track and importlib.util.find_spec("wandb") is None:
@@ -224,11 +253,14 @@ class VAE(nn.Module):
         return mu, logvar
 
     def decode(self, z):
-        return self.decoder(z).float()  # the likelihood is computed in float32 even under bf16 autocast
+        # the likelihood is computed in float32 even under bf16 autocast. The last conv stays in bf16: measured on
+        # the CPU demo (README, "Precision"), running it in float32 moved test bits/dim by 0.0002 of bf16's 0.001
+        return self.decoder(z).float()
 
-    def forward(self, x):
-        """x in [-1, 1] -> (log p(x|z) per image (B,), KL per image and latent channel (B, C))."""
-        mu, logvar = self.encode(x)
+    def forward(self, x, view=None):
+        """x in [-1, 1] -> (log p(x|z) per image (B,), KL per image and latent channel (B, C)). With a view
+        t(x) (AASAE, Eq. 6) the encoder sees the view and the decoder still scores x."""
+        mu, logvar = self.encode(x if view is None else view)
         z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # the reparameterisation trick
         log_px_z = discretized_logistic_mixture_logp(x, self.decode(z), self.mixtures).sum((1, 2))
         return log_px_z, gaussian_kl(mu, logvar).sum((2, 3))
@@ -286,9 +318,22 @@ def log_normal(z, mu, logvar):
 
 def training_loss(log_px_z, kl, beta, free_nats):
     """-L of Eq. (5) in nats per dimension; kl is (B, C), free_nats is lambda per channel map."""
-    kl_per_channel = kl.mean(0)  # (C,) batch average: one free-bits group per channel map
-    kl_term = kl_per_channel.clamp(min=free_nats).sum()  # clamp: no gradient while a group is below lambda
-    return (-log_px_z.mean() + beta * kl_term) / IMAGE_DIMS
+    loss = -log_px_z.mean()
+    if beta:  # beta = 0 (AASAE) drops the term: 0 * KL would be NaN, not 0, once an unpenalised KL overflows
+        kl_per_channel = kl.mean(0)  # (C,) batch average: one free-bits group per channel map
+        loss = loss + beta * kl_per_channel.clamp(min=free_nats).sum()  # clamp: no gradient while below lambda
+    return loss / IMAGE_DIMS
+
+
+def beta_at(step, steps_per_epoch, args):
+    """beta at this step: --kl-weight, reached linearly over --kl-warmup epochs (so 0 stays 0)."""
+    ramp = min(1.0, (step + 1) / (args.kl_warmup * steps_per_epoch)) if args.kl_warmup else 1.0
+    return args.kl_weight * ramp
+
+
+def reports_bits_per_dim(args):
+    """-ELBO is reported as bits/dim only for runs that minimised it (beta = 1): see Eq. (6)."""
+    return args.kl_weight == 1
 
 
 def iwae_logp(net, x, k, generator, chunk=25):
@@ -317,10 +362,94 @@ def prior_noise(net, n, temperature, seed, device):
     return (temperature * torch.randn(n, net.latent_channels, s, s, generator=g)).to(device)
 
 
+def sample_mixture(params, mixtures):
+    """x ~ p(x|z) of Eq. (3), (B, 3, H, W) on the grid -1 + 2k/255: a component per pixel (shared by R, G and B),
+    then R, G given R, B given R and G, each a logistic draw rounded to the bin it falls in (edge bins open)."""
+    logits, means, log_scales, coeffs = split_mixture_params(params, mixtures)
+    gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(min=1e-20)))
+    k = (logits + gumbel).argmax(1)[:, None, None].expand(-1, 3, 1, -1, -1)  # Gumbel-max: k ~ softmax(logits)
+    means, log_scales, coeffs = (t.gather(2, k).squeeze(2) for t in (means, log_scales, coeffs))  # (B, 3, H, W)
+    u = torch.rand_like(means).clamp(1e-6, 1 - 1e-6)
+    logistic = means + log_scales.exp() * (torch.log(u) - torch.log1p(-u))  # the logistic's inverse CDF
+    to_bin = lambda v: (v.clamp(-1, 1) * 127.5 + 127.5).round() / 127.5 - 1  # noqa: E731
+    r = to_bin(logistic[:, 0])
+    g = to_bin(logistic[:, 1] + coeffs[:, 0] * r)  # the coupling of Eq. (3) uses the values drawn, as the
+    b = to_bin(logistic[:, 2] + coeffs[:, 1] * r + coeffs[:, 2] * g)  # likelihood uses the data's
+    return torch.stack([r, g, b], dim=1)
+
+
 @torch.inference_mode()
-def decode_images(net, z):
-    """Decode latents z (B, C, s, s) into images in [0, 1]: the mean E[x|z] of the pixel distribution."""
-    return (mixture_mean(net.decode(z), net.mixtures) + 1) / 2
+def decode_images(net, z, drawn=False):
+    """Decode latents z (B, C, s, s) into images in [0, 1]: the mean E[x|z] of the pixel distribution (what the
+    grids show), or with drawn=True a sample of p(x|z) (what FID / IS / KID score: the model's own samples)."""
+    params = net.decode(z)
+    return ((sample_mixture if drawn else mixture_mean)(params, net.mixtures) + 1) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The encoder's view in AASAE: SimCLR's augmentations, on whole batches on the device
+# ----------------------------------------------------------------------------------------------
+
+# The AASAE code's CIFAR-10 setting (Lightning-Universe/paper-AAVAE, src/transforms/transforms.py, src/vae.py):
+# RandomResizedCrop(32) with torchvision's default scale and ratio, flip p = 0.5, ColorJitter(0.4, 0.4, 0.4, 0.1)
+# (jitter_strength 0.5) with p = 0.8, grayscale p = 0.2, no blur for CIFAR-10.
+CROP_AREA, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+JITTER, P_JITTER, P_GRAY = (0.4, 0.4, 0.4, 0.1), 0.8, 0.2
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's grayscale weights
+
+
+def grayscale(x):
+    return sum(w * c for w, c in zip(LUMA, x.unbind(1))).unsqueeze(1)  # (B, 1, H, W)
+
+
+def resized_crop(x, width, height, centre_x, centre_y, flip):
+    """Crop each image to a box (sizes as fractions of the image, centre in [-1, 1]) and resize it back
+    bilinearly, mirrored where flip is -1: one grid_sample whose grid maps output pixels into the box."""
+    theta = torch.zeros(len(x), 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = width * flip, centre_x, height, centre_y
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def shift_hue(x, turns):
+    """Rotate each image's hue by `turns` of the colour circle, as HSV does (torchvision's adjust_hue):
+    max and min of R, G, B stay, the hue h (in sixths of the circle) moves, and the standard HSV -> RGB
+    formula c_n = max - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6, n = 5, 3, 1 rebuilds it."""
+    r, g, b = x.unbind(1)
+    high, low = x.amax(1), x.amin(1)
+    chroma = high - low
+    c = chroma.clamp(min=1e-12)  # grey pixels (chroma 0) have no hue, and keep their value
+    hue = torch.where(high == r, (g - b) / c, torch.where(high == g, (b - r) / c + 2, (r - g) / c + 4))
+    hue = (hue + 6 * turns.view(-1, 1, 1)) % 6
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue.unsqueeze(1)) % 6
+    return high.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def colour_jitter(x, brightness, contrast, saturation, hue):
+    """torchvision's adjust_brightness, _contrast, _saturation and _hue with one factor per image (B,), in
+    that fixed order (ColorJitter draws the order at random, once per image)."""
+    factor = lambda f: f.view(-1, 1, 1, 1)  # noqa: E731
+    x = (factor(brightness) * x).clamp(0, 1)
+    mean = grayscale(x).mean((1, 2, 3), keepdim=True)
+    x = (mean + factor(contrast) * (x - mean)).clamp(0, 1)
+    gray = grayscale(x)
+    x = (gray + factor(saturation) * (x - gray)).clamp(0, 1)
+    return shift_hue(x, hue)
+
+
+def augment(x):
+    """A random SimCLR view of every image of x (B, 3, H, W) in [0, 1]: same shape, range and device. Draws
+    come from the global generator, which each epoch reseeds: resume replays the same views."""
+    u = lambda: torch.rand(len(x), device=x.device)  # noqa: E731  one U(0, 1) per image
+    area = CROP_AREA[0] + (CROP_AREA[1] - CROP_AREA[0]) * u()
+    ratio = torch.exp(math.log(CROP_RATIO[0]) + math.log(CROP_RATIO[1] / CROP_RATIO[0]) * u())  # log-uniform
+    # a box larger than the image is shrunk to fit (torchvision draws again, up to 10 times, then centre-crops)
+    width, height = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
+    x = resized_crop(x, width, height, (1 - width) * (2 * u() - 1), (1 - height) * (2 * u() - 1),
+                     torch.where(u() < 0.5, -1.0, 1.0))
+    jittered = colour_jitter(x, *(1 + s * (2 * u() - 1) for s in JITTER[:3]), JITTER[3] * (2 * u() - 1))
+    x = torch.where(u().view(-1, 1, 1, 1) < P_JITTER, jittered, x)
+    return torch.where(u().view(-1, 1, 1, 1) < P_GRAY, grayscale(x).expand_as(x), x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,8 +487,9 @@ def train_step(model, net, optimizer, scaler, x, beta, args, state, dtype):
     (VDVAE). The decision stays on the device, so the GPU never waits for the host: the fused AdamW
     kernel leaves weights, moments and step count alone where found_inf is 1.
     """
+    view = augment(x) * 2 - 1 if args.augment else None  # AASAE: the encoder sees t(x), the decoder scores x
     with autocast(x.device, dtype):
-        log_px_z, kl = model(x * 2 - 1)
+        log_px_z, kl = model(x * 2 - 1, view)
     loss = training_loss(log_px_z, kl, beta, args.free_bits * args.latent_size**2)  # per dim -> per map
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -401,12 +531,24 @@ def test_metrics(net, images, args, device, dtype, iw_samples=0):
     n = len(images)
     variance = mu_sq / n - (mu_sum / n) ** 2  # Cov_x(E_q[z_u]) per latent dimension u
     out = {k: bits_per_dim(v / n) for k, v in totals.items()}
-    result = {"test_bpd": out["distortion"] + out["rate"], "test_distortion_bpd": out["distortion"],
-              "test_rate_bpd": out["rate"], "active_units": int((variance > 0.01).sum()),
-              "latent_dims": variance.numel()}
-    if iw_samples:
-        result.update(test_iwae_bpd=out["iwae"], iw_samples=iw_samples)
+    result = {"test_distortion_bpd": out["distortion"], "test_rate_bpd": out["rate"],
+              "active_units": int((variance > 0.01).sum()), "latent_dims": variance.numel()}
+    if reports_bits_per_dim(args):  # beta != 1: no total that looks like a likelihood (Eq. 6)
+        result["test_bpd"] = out["distortion"] + out["rate"]
+        if iw_samples:
+            result.update(test_iwae_bpd=out["iwae"], iw_samples=iw_samples)
     return result
+
+
+NO_BOUND = "no bits/dim: --kl-weight {:g} trains Eq. (6), not the ELBO (see vae.py's docstring)"
+
+
+def describe_bound(result, args):
+    """'6.2100 bits/dim (distortion 6.1 + rate 0.1)', or the two terms and why there is no total."""
+    terms = f"distortion {result['test_distortion_bpd']:.4f} + rate {result['test_rate_bpd']:.4f}"
+    if reports_bits_per_dim(args):
+        return f"{result['test_bpd']:.4f} bits/dim ({terms})"
+    return f"{terms} (each in bits/dim); {NO_BOUND.format(args.kl_weight)}"
 
 
 def elbo_bits_per_dim(log_px_z, kl):
@@ -462,7 +604,7 @@ def train(args):
         tick = time.perf_counter()
         for i, x in enumerate(tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch}/{args.epochs}",
                                    disable=rank != 0, leave=False)):  # x: (B, 3, 32, 32) in [0, 1], flipped
-            beta = min(1.0, (step + 1) / (args.kl_warmup * len(loader))) if args.kl_warmup else 1.0
+            beta = beta_at(step, len(loader), args)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args)
             loss, log_px_z, kl, grad_norm, bad = train_step(model, net, optimizer, scaler, x, beta, args, state, dtype)
@@ -478,7 +620,8 @@ def train(args):
                                     f"{args.resume or run_dir}: resume it with a lower --lr")
                 if rank == 0:
                     bpd, distortion, rate = elbo_bits_per_dim(log_px_z, kl)
-                    log(step, epoch=epoch, loss=loss.item(), train_bpd=bpd, train_distortion_bpd=distortion,
+                    bound = {"train_bpd": bpd} if reports_bits_per_dim(args) else {}
+                    log(step, epoch=epoch, loss=loss.item(), **bound, train_distortion_bpd=distortion,
                         train_rate_bpd=rate, beta=beta, lr=learning_rate(step, args), grad_norm=grad_norm.item(),
                         skipped_steps=state["skipped_steps"].item(),
                         img_per_s=(i + 1) * args.batch_size / (time.perf_counter() - tick))
@@ -490,15 +633,17 @@ def train(args):
             log(step, epoch=epoch, epoch_seconds=seconds, **test)
             save_checkpoint(run_dir, args=vars(args), net=net.state_dict(), ema=ema.state_dict(), epoch=epoch,
                             step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), state=state)
-            print(f"epoch {epoch}/{args.epochs}: test {test['test_bpd']:.4f} bits/dim (distortion "
-                  f"{test['test_distortion_bpd']:.4f} + rate {test['test_rate_bpd']:.4f}), active units "
+            print(f"epoch {epoch}/{args.epochs}: test {describe_bound(test, args)}, active units "
                   f"{test['active_units']}/{test['latent_dims']}  ({seconds:.0f} s)")
         if world > 1:
             dist.barrier()
     if rank == 0:
         summary = {"epochs": args.epochs, "steps": step, "parameters": sum(p.numel() for p in net.parameters()),
-                   **{f"final_{k}": v for k, v in test.items()},  # what the EMA buys: the raw weights' bound
-                   "final_test_bpd_without_ema": test_metrics(net, test_images, args, device, dtype)["test_bpd"]}
+                   **{f"final_{k}": v for k, v in test.items()}}
+        if reports_bits_per_dim(args):  # what the EMA buys: the raw weights' bound
+            summary["final_test_bpd_without_ema"] = test_metrics(net, test_images, args, device, dtype)["test_bpd"]
+        else:
+            summary["bits_per_dim"] = NO_BOUND.format(args.kl_weight)
         log.finish(summary)
     return run_dir
 
@@ -514,45 +659,62 @@ def load_trained(run, args, device):
     return net.eval().requires_grad_(False)
 
 
-def draw_samples(net, n, args, device, dtype):
-    """n decoded prior draws at --temperature (float in [0, 1], on the CPU), in batches of --batch-size."""
+def draw_samples(net, n, args, device, dtype, drawn=True):
+    """n decoded prior draws at --temperature (float in [0, 1], on the CPU), in batches of --batch-size: samples
+    of p(x|z), or with drawn=False the means E[x|z] (the same z)."""
+    torch.manual_seed(args.seed)  # the pixel noise of p(x|z): the same samples every time
     out = []
     for start in range(0, n, args.batch_size):
         z = prior_noise(net, min(args.batch_size, n - start), args.temperature, args.seed + start, device)
         with autocast(device, dtype):
-            out.append(decode_images(net, z).float().cpu())
+            out.append(decode_images(net, z, drawn).float().cpu())
     return torch.cat(out)
 
 
 def sample(args):
-    """RUN/samples_tT.png (the first 256) and samples_tT.npz (all --n, uint8, NHWC)."""
+    """RUN/samples_tT.png (means E[x|z] of the first 256) and samples_tT.npz (all --n, uint8, NHWC: 'samples' of
+    p(x|z) and their 'means')."""
     device, _, _ = setup_device(args)
+    dtype = amp_dtype(args, device)
     net = load_trained(args.sample, args, device)
-    images = draw_samples(net, args.n, args, device, amp_dtype(args, device))
+    drawn, means = (draw_samples(net, args.n, args, device, dtype, d) for d in (True, False))
     stem = Path(args.sample) / f"samples_t{args.temperature:g}"
-    common.save_grid(images[:256], f"{stem}.png")
-    np.savez_compressed(f"{stem}.npz", samples=common.to_uint8(images).permute(0, 2, 3, 1).numpy())
-    print(f"{args.n} samples at temperature {args.temperature:g}: {stem}.png (first 256), {stem}.npz")
+    common.save_grid(means[:256], f"{stem}.png")
+    nhwc = lambda images: common.to_uint8(images).permute(0, 2, 3, 1).numpy()  # noqa: E731
+    np.savez_compressed(f"{stem}.npz", samples=nhwc(drawn), means=nhwc(means))
+    print(f"{args.n} samples at temperature {args.temperature:g}: {stem}.png (the first 256, as means E[x|z]), "
+          f"{stem}.npz (samples of p(x|z), and means)")
 
 
 def evaluate(args):
-    """Test bits/dim (ELBO and IWAE), FID / IS / KID of --n samples, and the sampler's cost, into RUN/eval.json."""
+    """Test bits/dim (ELBO and IWAE), FID / IS / KID of --n samples of p(x|z) and, labelled means_*, of their
+    means E[x|z], and the sampler's cost, into RUN/eval.json."""
     device, _, _ = setup_device(args)
     dtype = amp_dtype(args, device)
     net = load_trained(args.eval, args, device)
     test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
-    print(f"IWAE bound with K = {args.iw_samples} on {len(test_images)} test images ...")
-    result = test_metrics(net, test_images, args, device, dtype, iw_samples=args.iw_samples)
+    iw_samples = args.iw_samples if reports_bits_per_dim(args) else 0
+    print(f"IWAE bound with K = {iw_samples} on {len(test_images)} test images ..." if iw_samples else NO_BOUND.format(
+        args.kl_weight))
+    result = test_metrics(net, test_images, args, device, dtype, iw_samples=iw_samples)
+    if not iw_samples:
+        result["bits_per_dim"] = NO_BOUND.format(args.kl_weight)
     start = time.perf_counter()
     images = draw_samples(net, args.n, args, device, dtype)
     result.update(n_test=len(test_images), sampling_seconds_per_1000=1000 * (time.perf_counter() - start) / args.n,
                   nfe_per_sample=1, temperature=args.temperature)  # one decoder pass per sample
-    result.update(common.generative_metrics(images, args.data, args.data_root, args.fid_extractor, args.fid_weights,
-                                            device))
+    metrics = lambda x: common.generative_metrics(x, args.data, args.data_root, args.fid_extractor,  # noqa: E731
+                                                  args.fid_weights, device)
+    result.update(metrics(images))  # the model's samples, as the other two models are scored
+    means = metrics(draw_samples(net, args.n, args, device, dtype, drawn=False))  # smoother, and not samples
+    result.update({f"means_{k}": means[k] for k in ("fid", "is_mean", "kid_mean")})
     (Path(args.eval) / "eval.json").write_text(json.dumps(result, indent=2))
-    print(f"test bits/dim: {result['test_bpd']:.4f} (ELBO), {result['test_iwae_bpd']:.4f} (IWAE, K = "
-          f"{args.iw_samples}); FID {result['fid']:.2f}, IS {result['is_mean']:.2f}, KID {result['kid_mean']:.4f} "
-          f"from {result['n_samples']} samples ({args.fid_extractor}); written to {args.eval}/eval.json")
+    bound = f"test bits/dim {result['test_bpd']:.4f} (ELBO), {result['test_iwae_bpd']:.4f} (IWAE, K = " \
+        f"{iw_samples})" if iw_samples else NO_BOUND.format(args.kl_weight)
+    print(f"{bound}; samples of p(x|z): FID {result['fid']:.2f}, IS {result['is_mean']:.2f}, KID "
+          f"{result['kid_mean']:.4f}; their means E[x|z]: FID {result['means_fid']:.2f}, IS "
+          f"{result['means_is_mean']:.2f}, KID {result['means_kid_mean']:.4f}; {result['n_samples']} each "
+          f"({args.fid_extractor}); written to {args.eval}/eval.json")
 
 
 @torch.inference_mode()
@@ -575,6 +737,80 @@ def interpolate(args, pairs=6, steps=8):
     path = Path(args.interpolate) / "interpolations.png"
     common.save_rows(rows, path, title="test image, decoded walk between posterior means, test image")
     print(f"interpolations written to {path}")
+
+
+@torch.no_grad()
+def posterior_means(net, images, args, device, dtype):
+    """E_q[z|x] of uint8 images (N, 3, 32, 32), flattened to (N, C s s) float32 on the device."""
+    out = []
+    for start in range(0, len(images), args.batch_size):
+        x = images[start:start + args.batch_size].to(device).float() / 127.5 - 1
+        with autocast(device, dtype):
+            out.append(net.encode(x)[0].flatten(1).float())
+    return torch.cat(out)
+
+
+def fit_linear_probe(features, labels, classes, l2, max_iter=100):
+    """Multinomial logistic regression, weights (F + 1, K) with the bias last: full-batch L-BFGS on the mean
+    cross-entropy + l2/2 |W|^2. The problem is convex, so the answer does not depend on the start."""
+    x = F.pad(features, (0, 1), value=1.0)  # a constant feature carries the bias
+    w = torch.zeros(x.shape[1], classes, device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], max_iter=max_iter, tolerance_grad=1e-5, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ w, labels) + 0.5 * l2 * w[:-1].pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach()
+
+
+def linear_probe(train_x, train_y, test_x, test_y, classes, l2_grid=(1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)):
+    """(top-1 test accuracy, l2) of a linear classifier on frozen, standardised features; l2 is the grid value
+    with the best accuracy on the last tenth of the training set, and the classifier is then refit on all of it."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    accuracy = lambda w, x, y: (F.pad(x, (0, 1), value=1.0) @ w).argmax(1).eq(y).float().mean().item()  # noqa: E731
+    n = len(train_x) - max(1, len(train_x) // 10)
+    l2 = max(l2_grid, key=lambda l2: accuracy(fit_linear_probe(train_x[:n], train_y[:n], classes, l2),
+                                              train_x[n:], train_y[n:]))
+    return accuracy(fit_linear_probe(train_x, train_y, classes, l2), test_x, test_y), l2
+
+
+def probe(args):
+    """RUN/probe.json: linear-probe top-1 on the test images with the run's posterior means as features, and
+    the same protocol on two baselines: the same encoder at its random initialisation, and raw pixels. The
+    only command that reads labels (from the class folders, or CIFAR-10's targets): training never does."""
+    device, _, _ = setup_device(args)
+    dtype = amp_dtype(args, device)
+    start = time.perf_counter()
+    splits = [common.load_split(args.data, args.data_root, split) for split in ("train", "test")]
+    (train_x, train_y), (test_x, test_y) = ((d["images"][:limit], d["labels"][:limit].to(device))
+                                            for d, limit in zip(splits, (args.limit_train, args.limit_test)))
+    classes = splits[0]["classes"]
+    if len(classes) < 2 or (train_y < 0).any() or (test_y < 0).any():
+        raise UserError(f"--probe needs labels: --data {args.data} must hold train/<class>/ and test/<class>/ "
+                        f"folders (at least two classes), not images without a class folder")
+    trained = load_trained(args.probe, args, device)
+    torch.manual_seed(args.seed)  # seeded as train() seeds it: the run's own initial weights
+    untrained = build(args, device)[0].eval()
+    encoders = {"trained_encoder": lambda images: posterior_means(trained, images, args, device, dtype),
+                "random_encoder": lambda images: posterior_means(untrained, images, args, device, dtype),
+                "raw_pixels": lambda images: images.flatten(1).to(device).float() / 127.5 - 1}
+    result = {"n_train": len(train_x), "n_test": len(test_x), "classes": classes, "chance": 1 / len(classes)}
+    print(f"linear probe: {len(classes)} classes, {len(train_x)} labelled training and {len(test_x)} test images")
+    for name, features in encoders.items():
+        train_features, test_features = features(train_x), features(test_x)
+        top1, l2 = linear_probe(train_features, train_y, test_features, test_y, len(classes))
+        result[name] = {"top1": top1, "l2": l2, "features": train_features.shape[1]}
+        print(f"  {name:16} {train_features.shape[1]:5d} features: top-1 {100 * top1:.2f}% (l2 {l2:g})")
+    result["seconds"] = time.perf_counter() - start
+    (Path(args.probe) / "probe.json").write_text(json.dumps(result, indent=2))
+    print(f"chance {100 / len(classes):.1f}%; written to {args.probe}/probe.json")
+    return result
 
 
 def bench(args, repeats=5):
@@ -793,6 +1029,8 @@ def main(argv=None):
         return evaluate(args)
     if args.interpolate:
         return interpolate(args)
+    if args.probe:
+        return probe(args)
     if args.bench:
         return bench(args)
     return train(args)
