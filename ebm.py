@@ -902,6 +902,9 @@ def load_checkpoint(run):
         raise UserError(f"cannot load {path}: {reason}") from None
     if not isinstance(ckpt, dict) or ckpt.get("model") != "ebm":
         raise UserError(f"{path} is not a checkpoint of ebm.py")
+    missing = {"args", "net", "optimizer", "scaler", "buffer", "epoch", "step", "rollbacks"} - ckpt.keys()
+    if missing:
+        raise UserError(f"{path} is an incomplete checkpoint (it has no {', '.join(sorted(missing))})")
     return ckpt
 
 

@@ -327,6 +327,30 @@ def test_metrics_without_weights_name_the_flag(tiny_images, tmp_path, monkeypatc
         common.generative_metrics(torch.rand(10, 3, 32, 32), str(tiny_images), str(tmp_path))
 
 
+def test_linear_probe_separates_separable_classes_and_is_at_chance_on_shuffled_labels():
+    """Bugs it catches: a probe scored on its own training set, a bias that never trains, labels and features
+    out of step (shuffled rows), the standardisation computed on the test set."""
+    g = torch.Generator().manual_seed(0)
+    classes, dims = 5, 40
+    centres = 4 * torch.randn(classes, dims, generator=g)
+    labels = torch.randint(0, classes, (3000,), generator=g)
+    features = centres[labels] + torch.randn(3000, dims, generator=g) + 100  # an offset the bias must absorb
+    train, test = slice(0, 2000), slice(2000, 3000)
+    top1, _ = common.linear_probe(features[train], labels[train], features[test], labels[test], classes)
+    assert top1 > 0.99
+    noise = torch.randn(3000, dims, generator=g)  # features that say nothing about the labels
+    top1, _ = common.linear_probe(noise[train], labels[train], noise[test], labels[test], classes)
+    assert abs(top1 - 1 / classes) < 0.05  # chance is 0.2; the standard error at 1,000 test images is 0.013
+    shuffled = labels[torch.randperm(3000, generator=g)]  # real features, labels no longer theirs
+    top1, _ = common.linear_probe(features[train], shuffled[train], features[test], shuffled[test], classes)
+    assert abs(top1 - 1 / classes) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# vae.py: training and commands
+# ------------------------------------------------------------------------------------------------
+
+
 def test_to_uint8_clamps_before_converting():
     x = torch.tensor([-0.5, 0.0, 0.5, 1.0, 1.7])
     assert common.to_uint8(x).tolist() == [0, 0, 128, 255, 255]
@@ -1065,29 +1089,6 @@ def test_vae_augmentations_keep_shape_range_and_device_and_match_torchvision(mon
     assert ((width / height)[free] >= 3 / 4 - 1e-6).all() and ((width / height)[free] <= 4 / 3 + 1e-6).all()
     assert centre_x.std() > 0.2 and centre_y.std() > 0.2 and abs((flip == -1).float().mean() - 0.5) < 0.05
 
-
-def test_vae_linear_probe_separates_separable_classes_and_is_at_chance_on_shuffled_labels():
-    """Bugs it catches: a probe scored on its own training set, a bias that never trains, labels and features
-    out of step (shuffled rows), the standardisation computed on the test set."""
-    g = torch.Generator().manual_seed(0)
-    classes, dims = 5, 40
-    centres = 4 * torch.randn(classes, dims, generator=g)
-    labels = torch.randint(0, classes, (3000,), generator=g)
-    features = centres[labels] + torch.randn(3000, dims, generator=g) + 100  # an offset the bias must absorb
-    train, test = slice(0, 2000), slice(2000, 3000)
-    top1, _ = vae.linear_probe(features[train], labels[train], features[test], labels[test], classes)
-    assert top1 > 0.99
-    noise = torch.randn(3000, dims, generator=g)  # features that say nothing about the labels
-    top1, _ = vae.linear_probe(noise[train], labels[train], noise[test], labels[test], classes)
-    assert abs(top1 - 1 / classes) < 0.05  # chance is 0.2; the standard error at 1,000 test images is 0.013
-    shuffled = labels[torch.randperm(3000, generator=g)]  # real features, labels no longer theirs
-    top1, _ = vae.linear_probe(features[train], shuffled[train], features[test], shuffled[test], classes)
-    assert abs(top1 - 1 / classes) < 0.05
-
-
-# ------------------------------------------------------------------------------------------------
-# vae.py: training and commands
-# ------------------------------------------------------------------------------------------------
 
 def test_vae_aasae_preset_trains_resumes_evaluates_and_probes_without_claiming_bits_per_dim(
         tiny_images, tmp_path, capsys):  # noqa: F811

@@ -750,36 +750,6 @@ def posterior_means(net, images, args, device, dtype):
     return torch.cat(out)
 
 
-def fit_linear_probe(features, labels, classes, l2, max_iter=100):
-    """Multinomial logistic regression, weights (F + 1, K) with the bias last: full-batch L-BFGS on the mean
-    cross-entropy + l2/2 |W|^2. The problem is convex, so the answer does not depend on the start."""
-    x = F.pad(features, (0, 1), value=1.0)  # a constant feature carries the bias
-    w = torch.zeros(x.shape[1], classes, device=x.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w], max_iter=max_iter, tolerance_grad=1e-5, history_size=20,
-                                  line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ w, labels) + 0.5 * l2 * w[:-1].pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return w.detach()
-
-
-def linear_probe(train_x, train_y, test_x, test_y, classes, l2_grid=(1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)):
-    """(top-1 test accuracy, l2) of a linear classifier on frozen, standardised features; l2 is the grid value
-    with the best accuracy on the last tenth of the training set, and the classifier is then refit on all of it."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    accuracy = lambda w, x, y: (F.pad(x, (0, 1), value=1.0) @ w).argmax(1).eq(y).float().mean().item()  # noqa: E731
-    n = len(train_x) - max(1, len(train_x) // 10)
-    l2 = max(l2_grid, key=lambda l2: accuracy(fit_linear_probe(train_x[:n], train_y[:n], classes, l2),
-                                              train_x[n:], train_y[n:]))
-    return accuracy(fit_linear_probe(train_x, train_y, classes, l2), test_x, test_y), l2
-
-
 def probe(args):
     """RUN/probe.json: linear-probe top-1 on the test images with the run's posterior means as features, and
     the same protocol on two baselines: the same encoder at its random initialisation, and raw pixels. The
@@ -804,7 +774,7 @@ def probe(args):
     print(f"linear probe: {len(classes)} classes, {len(train_x)} labelled training and {len(test_x)} test images")
     for name, features in encoders.items():
         train_features, test_features = features(train_x), features(test_x)
-        top1, l2 = linear_probe(train_features, train_y, test_features, test_y, len(classes))
+        top1, l2 = common.linear_probe(train_features, train_y, test_features, test_y, len(classes))
         result[name] = {"top1": top1, "l2": l2, "features": train_features.shape[1]}
         print(f"  {name:16} {train_features.shape[1]:5d} features: top-1 {100 * top1:.2f}% (l2 {l2:g})")
     result["seconds"] = time.perf_counter() - start
@@ -967,6 +937,9 @@ def load_checkpoint(run):
         raise UserError(f"cannot load {path}: {reason}") from None
     if not isinstance(ckpt, dict) or ckpt.get("model") != "vae":
         raise UserError(f"{path} is not a checkpoint of vae.py")
+    missing = {"args", "net", "ema", "optimizer", "scaler", "epoch", "step", "state"} - ckpt.keys()
+    if missing:
+        raise UserError(f"{path} is an incomplete checkpoint (it has no {', '.join(sorted(missing))})")
     return ckpt
 
 
