@@ -4,6 +4,7 @@
     python ncsn.py --preset ncsn2019 --epochs 200      # the 2019 paper's setting, to compare
     python ncsn.py --toy                               # the paper's 2-D experiment, < 1 min on a CPU
     python ncsn.py --sample runs/RUN --n 64            # grid + .npz + trajectory figure
+    python ncsn.py --sample runs/RUN --sampler ode --nfe 58   # another sampler, 58 network evaluations each
     torchrun --standalone --nproc_per_node=8 ncsn.py --epochs 200
 
 The idea (Song & Ermon 2019, https://arxiv.org/abs/1907.05600). A generative model needs only the
@@ -32,6 +33,13 @@ conditioning by division; (4) T and eps chosen so the chain equilibrates (T = 5,
 (5) an exponential moving average of the weights. A last denoising step x + sigma_L^2 s(x, sigma_L),
 Tweedie's formula for E[x | x~], removes the remaining noise (Jolicoeur-Martineau et al. 2020).
 Reported CIFAR-10 numbers (theirs): NCSN IS 8.87, FID 25.32; NCSNv2 FID 10.87, IS 8.40.
+
+Other samplers use the same network (--sampler, with --nfe network evaluations per sample as the knob).
+Blurring the data by a growing sigma is a stochastic differential equation, the variance-exploding SDE
+dx = sqrt(d sigma^2 / dt) dw (Song et al. 2021, https://arxiv.org/abs/2011.13456). It can be run backwards
+with the score: predictor-corrector (pc) takes one reverse-SDE step per level plus one Langevin step;
+the probability-flow ODE dx/dsigma = -sigma s(x, sigma) (ode) has the same marginals p_sigma without any
+noise, and Heun's method integrates it in far fewer steps (Karras et al. 2022, https://arxiv.org/abs/2206.00364).
 """
 
 import argparse
@@ -104,7 +112,7 @@ def parse_args(argv=None):
     p.add_argument("--fid-weights", metavar="FILE", help="Inception weights file, for machines with no network")
     # the network
     p.add_argument("--preset", choices=PRESETS, default="ncsnv2", help="paper recipe: ncsnv2 (default) or ncsn2019")
-    p.add_argument("--width", type=positive_int, default=128, help="channels at 32x32 (128: 34.2M parameters)")
+    p.add_argument("--width", type=positive_int, default=112, help="channels at 32x32 (112: 26.2M parameters)")
     p.add_argument("--channel-mult", default="1,2,2,2", help="channel multiplier per resolution 32,16,8,4")
     p.add_argument("--num-res-blocks", type=positive_int, default=2, help="residual blocks per resolution")
     p.add_argument("--score-param", choices=["divide", "embed"], help="s = f(x, sigma) / sigma, or s = f(x, sigma)")
@@ -115,6 +123,13 @@ def parse_args(argv=None):
     p.add_argument("--steps-per-level", type=positive_int, help="Langevin steps T at each level")
     p.add_argument("--step-eps", type=positive_float, help="eps in alpha_i = eps sigma_i^2 / sigma_L^2")
     p.add_argument("--denoise", action=argparse.BooleanOptionalAction, help="final Tweedie denoising step")
+    p.add_argument("--sampler", choices=["ald", "pc", "ode"], default="ald",
+                   help="ald: annealed Langevin (NCSN, the default); pc: predictor-corrector (Song et al. 2021);\n"
+                        "ode: the probability-flow ODE with Heun steps (Karras et al. 2022)")
+    p.add_argument("--nfe", type=positive_int,
+                   help="network evaluations per sample, the sampler's cost (default: the run's L levels:\n"
+                        "ald L x T + 1 = 1,161, pc 2L, ode 2L - 1)")
+    p.add_argument("--snr", type=positive_float, default=0.16, help="pc: the corrector's signal-to-noise ratio")
     p.add_argument("--sample-batch", type=positive_int, default=1000, help="images per sampler batch")
     p.add_argument("--preview-levels", type=positive_int, default=100,
                    help="per-epoch preview grids use this many levels, one step each (cheaper than the sampler)")
@@ -134,6 +149,10 @@ def parse_args(argv=None):
         p.error(f"--ema must be in [0, 1), got {args.ema}")
     if args.sigma_min >= args.sigma_max:
         p.error(f"--sigma-min {args.sigma_min:g} must be below --sigma-max {args.sigma_max:g}: the noise anneals down")
+    if args.nfe is not None and sampler_levels(args)[0] < 2:
+        least = {"ald": 2 * args.steps_per_level, "pc": 3, "ode": 2}[args.sampler] + int(args.denoise)
+        p.error(f"--nfe {args.nfe} is too few for --sampler {args.sampler}: it needs two noise levels "
+                f"(at least {least} evaluations)")
     if args.track and importlib.util.find_spec("wandb") is None:
         p.error("--track needs wandb: pip install wandb")
     return args
@@ -159,8 +178,15 @@ def geometric_sigmas(sigma_max, sigma_min, num_scales):
 
 
 def noise_levels(args, levels=None):
-    """The run's sigmas (or `levels` of them between the same end points, for cheaper previews)."""
-    return geometric_sigmas(args.sigma_max, args.sigma_min, levels or args.num_scales)
+    """The run's L sigmas, or `levels` of them for a cheaper sampler: rungs spread evenly along the ladder, since
+    the network was trained at these sigmas only (an 'embed' network trained on 10 levels gives scores no better
+    than zero between them: README). More levels than L: a finer geometric ladder between the same end points."""
+    ladder = geometric_sigmas(args.sigma_max, args.sigma_min, args.num_scales)
+    if levels is None or levels == args.num_scales:
+        return ladder
+    if levels > args.num_scales:
+        return geometric_sigmas(args.sigma_max, args.sigma_min, levels)
+    return ladder[torch.linspace(0, args.num_scales - 1, levels).round().long()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,6 +215,27 @@ class ResBlock(nn.Module):
         return h + self.skip(x)
 
 
+class SigmaGroupNorm(nn.GroupNorm):
+    """GroupNorm whose scale and shift are set by the noise level: h -> norm(h) exp(a(emb)) + b(emb).
+
+    The network's last normalisation fixes the size of what the final conv sees, so with
+    score_param='embed' it alone decides how large s(x, sigma) can be, and the true score grows as 1/sigma
+    (5,000x from sigma = 50 to 0.01). NCSN 2019 conditions this norm on the level (CondInstanceNorm++);
+    here scale and shift come from the sigma embedding (adaptive GroupNorm), the scale as exp(.) because
+    it must span orders of magnitude (log 1/sigma is nearly linear in the embedding). Starts as GroupNorm.
+    """
+
+    def __init__(self, channels, emb_dim):
+        super().__init__(math.gcd(32, channels), channels, affine=False)
+        self.scale_shift = nn.Linear(emb_dim, 2 * channels)
+        nn.init.zeros_(self.scale_shift.weight)
+        nn.init.zeros_(self.scale_shift.bias)
+
+    def forward(self, h, emb):
+        log_scale, shift = self.scale_shift(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+        return super().forward(h) * log_scale.exp() + shift
+
+
 class ScoreNet(nn.Module):
     """s(x, sigma) for images x (B, 3, 32, 32) and noise levels sigma (B,).
 
@@ -196,10 +243,12 @@ class ScoreNet(nn.Module):
     skip connections, it is the architecture later score models settled on (DDPM, NCSN++), and it
     is faster per parameter. With score_param='divide' the output is f(x, sigma) / sigma (NCSNv2
     technique 3): the true score of p_sigma has size about 1/sigma, so f only has to produce unit-size
-    outputs at every level. A learned embedding of log sigma is added in every block on top.
+    outputs at every level. With 'embed' (NCSN 2019) s = f(x, sigma) must grow as 1/sigma by itself,
+    which the sigma-conditioned last norm (SigmaGroupNorm) makes possible. A learned embedding of
+    log sigma is added in every block in both modes.
     """
 
-    def __init__(self, width=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, score_param="divide"):
+    def __init__(self, width=112, channel_mult=(1, 2, 2, 2), num_res_blocks=2, score_param="divide"):
         super().__init__()
         self.width, self.divide = width, score_param == "divide"
         emb_dim = 4 * width
@@ -223,7 +272,9 @@ class ScoreNet(nn.Module):
             if level > 0:
                 upsample = nn.Upsample(scale_factor=2, mode="nearest")
                 self.up.append(nn.Sequential(upsample, nn.Conv2d(ch, ch, 3, padding=1)))
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, 3, 3, padding=1))
+        # the last norm sets the output's size: fixed with 'divide' (f / sigma scales it), set by sigma with 'embed'
+        norm = group_norm(ch) if self.divide else SigmaGroupNorm(ch, emb_dim)
+        self.out = nn.Sequential(norm, nn.SiLU(), nn.Conv2d(ch, 3, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
 
     def sigma_embedding(self, sigma):
@@ -237,7 +288,11 @@ class ScoreNet(nn.Module):
         sigma = sigma[:, None, None, None]
         # Centre the input and divide by sqrt(sigma^2 + sigma_data^2) with sigma_data = 0.5 (the c_in
         # of Karras et al. 2022): the first layer sees values of order one at every noise level.
-        h = self.head((x - 0.5) / (sigma**2 + 0.25).sqrt())
+        # The head stays in float32 under --amp: rounded to bfloat16's 8-bit mantissa, a pixel near 1 moves
+        # by up to 0.002 (half an 8-bit level), a fifth of sigma = 0.01. On a trained CPU demo model the score's
+        # error at sigma = 0.01 falls from 4.1% to 1.2% (README, "Precision"), for 0.07% of the network's work.
+        with torch.autocast(x.device.type, enabled=False):
+            h = self.head((x.float() - 0.5) / (sigma.float()**2 + 0.25).sqrt())
         hs = [h]
         for layer in self.down:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
@@ -246,7 +301,8 @@ class ScoreNet(nn.Module):
             h = block(h, emb)
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
-        f = self.out(h)  # (B, 3, 32, 32)
+        norm, act, conv = self.out
+        f = conv(act(norm(h) if self.divide else norm(h, emb)))  # (B, 3, 32, 32)
         return f / sigma if self.divide else f
 
 
@@ -277,6 +333,14 @@ def tweedie_denoise(score_net, x, sigma):
     return x + sigma**2 * score_net(x, sigma.expand(len(x))).float()
 
 
+def observe(x, sigma, observed, mask, generator):
+    """Inpainting (NCSN Alg. 2): the observed pixels (mask True) set to the observation noised afresh to the
+    current level, so that the free pixels always see a sample of p_sigma consistent with it."""
+    if mask is None:
+        return x
+    return torch.where(mask, observed + sigma * torch.randn(x.shape, generator=generator, device=x.device), x)
+
+
 def annealed_langevin(score_net, x, sigmas, steps, eps, denoise=True, observed=None, mask=None, record=(),
                       generator=None):
     """Annealed Langevin dynamics (NCSN Alg. 1), and inpainting (Alg. 2) when observed/mask are given.
@@ -284,30 +348,104 @@ def annealed_langevin(score_net, x, sigmas, steps, eps, denoise=True, observed=N
     The update x <- x + alpha s + sqrt(2 alpha) z follows the papers' code; Alg. 1 in the paper
     writes the same chain as x + alpha/2 s + sqrt(alpha) z, i.e. with a step twice as large.
     alpha_i = eps sigma_i^2 / sigma_L^2 scales the step with the level, so that the signal-to-noise
-    ratio of each update is the same at every level. For inpainting (mask True = observed), before
-    every step the observed pixels are set to the observation noised afresh to the current level, so
-    that the free pixels always see a sample of p_sigma consistent with it (the papers' code). Returns
-    the samples and a snapshot after each level index in `record`.
+    ratio of each update is the same at every level. For inpainting the observed pixels are re-noised
+    before every step (NCSNv2's code; the 2019 code re-noises once per level). Costs len(sigmas) x steps
+    (+ 1 to denoise) network evaluations. Returns the samples and a snapshot after each level in `record`.
     """
     snapshots = []
     for i, sigma in enumerate(sigmas):
         alpha = eps * (sigma / sigmas[-1]) ** 2
         sigma_batch = sigma.expand(len(x))
         for _ in range(steps):
-            if mask is not None:
-                noisy = observed + sigma * torch.randn(x.shape, generator=generator, device=x.device)
-                x = torch.where(mask, noisy, x)
+            x = observe(x, sigma, observed, mask, generator)
             z = torch.randn(x.shape, generator=generator, device=x.device)
             x = x + alpha * score_net(x, sigma_batch).float() + (2 * alpha).sqrt() * z
         if i in record:
             snapshots.append(x.clone())
-    if mask is not None:
-        x = torch.where(mask, observed + sigmas[-1] * torch.randn(x.shape, generator=generator, device=x.device), x)
+    return finish(score_net, x, sigmas[-1], denoise, observed, mask, generator), snapshots
+
+
+def finish(score_net, x, sigma_min, denoise, observed, mask, generator):
+    """The optional denoising step, then the observation itself in the observed pixels."""
     if denoise:
-        x = tweedie_denoise(score_net, x, sigmas[-1])
-    if mask is not None:
-        x = torch.where(mask, observed, x)
-    return x, snapshots
+        x = tweedie_denoise(score_net, observe(x, sigma_min, observed, mask, generator), sigma_min)
+    return x if mask is None else torch.where(mask, observed, x)
+
+
+def predictor_corrector(score_net, x, sigmas, snr=0.16, denoise=True, observed=None, mask=None, record=(),
+                        generator=None):
+    """Predictor-corrector sampling of the variance-exploding SDE (Song et al. 2021, Alg. 3 and 4).
+
+    x must be a draw from about p_sigma_1. At each level: one Langevin *corrector* step whose size
+    2 (snr |z| / |s|)^2 sets the ratio of noise to drift, with |z| and |s| averaged over the batch as in
+    the official code (per sample, a chain that lands where s is about 0 takes a huge step: in 2-D that
+    ruins the samples); then the *predictor*, one step of the reverse SDE from sigma_i to sigma_i+1:
+    x + (sigma_i^2 - sigma_i+1^2) s + sqrt(sigma_i^2 - sigma_i+1^2) z.
+    Costs 2 len(sigmas) - 1 (+ 1 to denoise) network evaluations.
+    """
+    snapshots = []
+    for i, sigma in enumerate(sigmas):
+        sigma_batch = sigma.expand(len(x))
+        x = observe(x, sigma, observed, mask, generator)
+        score = score_net(x, sigma_batch).float()
+        z = torch.randn(x.shape, generator=generator, device=x.device)
+        step = 2 * (snr * z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean()) ** 2
+        x = x + step * score + (2 * step).sqrt() * z
+        if i in record:
+            snapshots.append(x.clone())
+        if i + 1 < len(sigmas):
+            x = observe(x, sigma, observed, mask, generator)
+            variance = sigma**2 - sigmas[i + 1] ** 2  # the noise the reverse step removes
+            z = torch.randn(x.shape, generator=generator, device=x.device)
+            x = x + variance * score_net(x, sigma_batch).float() + variance.sqrt() * z
+    return finish(score_net, x, sigmas[-1], denoise, observed, mask, generator), snapshots
+
+
+def probability_flow_heun(score_net, x, sigmas, denoise=True, record=()):
+    """The probability-flow ODE dx/dsigma = -sigma s(x, sigma) with Heun's method (Karras et al. 2022, Alg. 1).
+
+    Deterministic: every point of p_sigma_1 is carried to a point of p_sigma_L, and the density follows
+    p_sigma all the way. Heun = an Euler step, then the average of the slopes at both ends (second order).
+    x must be a draw from about p_sigma_1. Costs 2 (len(sigmas) - 1) (+ 1 to denoise, which is the
+    Euler step to sigma = 0) network evaluations.
+    """
+    snapshots = [x.clone()] if 0 in record else []
+
+    def slope(x, sigma):
+        return -sigma * score_net(x, sigma.expand(len(x))).float()
+
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        d = slope(x, sigma)
+        euler = x + (sigma_next - sigma) * d
+        x = x + (sigma_next - sigma) * (d + slope(euler, sigma_next)) / 2
+        if i + 1 in record:
+            snapshots.append(x.clone())
+    return finish(score_net, x, sigmas[-1], denoise, None, None, None), snapshots
+
+
+def langevin_variance_ratio(eps, steps, gamma, sigma_min, carried_over=True):
+    """Variance / sigma_i^2 of annealed Langevin's chains at the end of a level, for data at one point (the
+    tight directions of images), where p_sigma = N(x*, sigma^2 I) and a step is x - x* <- a (x - x*) +
+    sqrt(2 alpha) z with a = 1 - eps / sigma_L^2, whatever the level. Its equilibrium is c = 2 / (2 - eps /
+    sigma_L^2) (above 1: the discretisation's bias). NCSNv2's technique 4 assumes that each level starts in
+    equilibrium at the previous sigma, a ratio gamma^2 = (sigma_i-1 / sigma_i)^2, and gets a^2T (gamma^2 - c)
+    + c. But the excess carries over from level to level, and over many levels the ratio settles where
+    r = a^2T (gamma^2 r - c) + c, i.e. r = c (1 - a^2T) / (1 - gamma^2 a^2T): larger, and what the chains
+    reach (tested on the exact score of a Gaussian).
+    """
+    b = eps / sigma_min**2
+    c, decay = 2 / (2 - b), (1 - b) ** (2 * steps)
+    return c * (1 - decay) / (1 - gamma**2 * decay) if carried_over else decay * (gamma**2 - c) + c
+
+
+def technique4_eps(sigmas, steps, carried_over=True):
+    """The step eps that brings the ratio above closest to 1 (it is always above 1). With NCSNv2's own
+    formula (carried_over=False) it gives back NCSNv2's 6.2e-6 for 232 levels from 50 to 0.01 and T = 5."""
+    gamma, sigma_min = (sigmas[0] / sigmas[1]).item(), sigmas[-1].item()
+    b = torch.logspace(-4, 0, 4000, dtype=torch.float64)  # eps / sigma_L^2; the chain needs gamma^2 a^2T < 1
+    ratio = langevin_variance_ratio(b * sigma_min**2, steps, gamma, sigma_min, carried_over)
+    ratio[gamma**2 * (1 - b) ** (2 * steps) >= 1] = math.inf
+    return (b[ratio.argmin()] * sigma_min**2).item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,6 +509,23 @@ def test_metrics(net, test_images, args, device, dtype, buckets=4):
                 totals[b] += dsm_loss(net, batch, sigmas, levels, noise).sum()
     per_bucket = (totals / len(x)).tolist()
     return {"test_dsm": sum(per_bucket) / buckets, **{f"test_dsm_q{b + 1}": v for b, v in enumerate(per_bucket)}}
+
+
+@torch.inference_mode()
+def dsm_per_sigma(net, test_images, sigmas, device, dtype, seed=1234):
+    """{sigma: DSM loss} on test images at each fixed sigma, the same noise for every sigma and every model, so
+    that two runs compare level by level (D/2 = 1536 is the loss of a zero score)."""
+    x = test_images.to(device).float() / 255
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    levels = torch.zeros(len(x), dtype=torch.long, device=device)  # one level: the sigma of the row
+    out = {}
+    for sigma in sigmas:
+        sigma_t = torch.tensor([float(sigma)], device=device)
+        with autocast(device, dtype):
+            total = sum(dsm_loss(net, x[i:i + 500], sigma_t, levels[i:i + 500], z[i:i + 500]).sum().item()
+                        for i in range(0, len(x), 500))
+        out[float(sigma)] = total / len(x)
+    return out
 
 
 def write_previews(net, run_dir, epoch, args, device, dtype):
@@ -457,44 +612,95 @@ def load_trained(run, args, device):
     return net.eval().requires_grad_(False)
 
 
+def sampler_levels(args):
+    """(levels, steps per level) the --sampler uses for a budget of --nfe network evaluations per sample.
+
+    Without --nfe every sampler visits the run's L levels: ald with T steps each (L T + 1 = 1,161 for
+    NCSNv2), pc with one corrector and one predictor step (2L), ode with one Heun step between
+    neighbours (2L - 1). With --nfe every sampler takes as many levels (geometric, from sigma_1 to sigma_L) as
+    the budget pays for: ald (nfe - 1) / T levels of T steps (and eps chosen for their spacing by
+    technique4_eps). The final denoising step costs one evaluation in every sampler.
+    """
+    budget = None if args.nfe is None else args.nfe - int(args.denoise)
+    if args.sampler == "ald":
+        return (args.num_scales if budget is None else budget // args.steps_per_level), args.steps_per_level
+    if budget is None:
+        return args.num_scales, 1
+    return ((budget + 1) // 2 if args.sampler == "pc" else budget // 2 + 1), 1
+
+
 def sampler_settings(args, device, preview=False):
-    """The paper's sampler, or for per-epoch previews a cheaper one: fewer levels, one step each."""
-    levels = min(args.preview_levels, args.num_scales) if preview else args.num_scales
-    return dict(sigmas=noise_levels(args, levels).to(device),
-                steps=1 if preview else args.steps_per_level, eps=args.step_eps, denoise=args.denoise)
+    """The --sampler's noise levels, steps and cost (nfe: network evaluations per sample), or for per-epoch
+    previews a cheaper annealed Langevin: --preview-levels levels, one step each."""
+    if preview:
+        levels = min(args.preview_levels, args.num_scales)
+        return dict(sampler="ald", sigmas=noise_levels(args, levels).to(device), steps=1, eps=args.step_eps,
+                    snr=args.snr, denoise=args.denoise, nfe=levels + int(args.denoise))
+    levels, steps = sampler_levels(args)
+    sigmas = noise_levels(args, levels).to(device)
+    eps = args.step_eps if args.nfe is None or args.sampler != "ald" else technique4_eps(sigmas.cpu(), steps)
+    nfe = {"ald": levels * steps, "pc": 2 * levels - 1, "ode": 2 * (levels - 1)}[args.sampler] + int(args.denoise)
+    return dict(sampler=args.sampler, sigmas=sigmas, steps=steps, eps=eps, snr=args.snr, denoise=args.denoise, nfe=nfe)
+
+
+def run_sampler(net, x, settings, observed=None, mask=None, record=(), generator=None):
+    """Turn the start x (uniform noise, the papers' choice) into samples with the chosen sampler. pc and ode
+    integrate from p_sigma_1, so they start from x + sigma_1 z: uniform noise blurred at sigma_1."""
+    name, sigmas = settings["sampler"], settings["sigmas"]
+    if name == "ald":
+        return annealed_langevin(net, x, sigmas, settings["steps"], settings["eps"], settings["denoise"], observed,
+                                 mask, record, generator)
+    x = x + sigmas[0] * torch.randn(x.shape, generator=generator, device=x.device)
+    if name == "pc":
+        return predictor_corrector(net, x, sigmas, settings["snr"], settings["denoise"], observed, mask, record,
+                                   generator)
+    if mask is not None:  # the ODE is deterministic: re-noising the observed pixels would break its flow
+        raise UserError("--sampler ode cannot inpaint (it has no noise to condition with); use --sampler ald or pc")
+    return probability_flow_heun(net, x, sigmas, settings["denoise"], record)
 
 
 @torch.inference_mode()
-def draw_samples(net, n, args, device, dtype, seed=0, record=(), preview=False):
-    """n samples (float, unclamped) from x_0 ~ U[0, 1]^D, in batches of --sample-batch."""
+def draw_samples(net, n, args, device, dtype, seed=0, trajectory=False, preview=False):
+    """n samples (float, unclamped) from x_0 ~ U[0, 1]^D, in batches of --sample-batch; with trajectory=True
+    also [(sigma, first batch's chains at that level)] at about eight levels, largest sigma first."""
+    settings = sampler_settings(args, device, preview)
+    levels = len(settings["sigmas"])
+    record = sorted({round(i * (levels - 1) / 7) for i in range(8)}) if trajectory else ()
     g = torch.Generator(device=device).manual_seed(seed)
     out, snaps = [], []
     for i in range(0, n, args.sample_batch):
         x0 = torch.rand(min(args.sample_batch, n - i), 3, 32, 32, generator=g, device=device)
         with autocast(device, dtype):
-            x, s = annealed_langevin(net, x0, **sampler_settings(args, device, preview), record=record, generator=g)
+            x, s = run_sampler(net, x0, settings, record=record, generator=g)
         out.append(x)
-        snaps = snaps or s
+        snaps = snaps or [(settings["sigmas"][level].item(), snap) for level, snap in zip(record, s)]
     return torch.cat(out), snaps
+
+
+SAMPLER_NAMES = {"ald": "annealed Langevin", "pc": "predictor-corrector", "ode": "probability-flow ODE (Heun)"}
 
 
 def sample(args):
     """RUN/samples.png, samples.npz (uint8, NHWC) and trajectory.png (eight chains, largest noise first)."""
     device, _, _ = setup_device(args)
     net = load_trained(args.sample, args, device)
-    record = sorted({round(i * (args.num_scales - 1) / 7) for i in range(8)})  # about eight levels along the chain
-    x, snaps = draw_samples(net, args.n, args, device, amp_dtype(args, device), seed=args.seed, record=record)
+    x, snaps = draw_samples(net, args.n, args, device, amp_dtype(args, device), seed=args.seed, trajectory=True)
     out = Path(args.sample)
     common.save_grid(x, out / "samples.png")
     np.savez_compressed(out / "samples.npz", samples=common.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
-    sigmas = noise_levels(args)
-    rows = [(f"sigma={sigmas[i]:.3g}", s[:8]) for i, s in zip(record, snaps)] + [("final", x[:8])]
-    common.save_rows(rows, out / "trajectory.png", title="annealed Langevin: the same chains, largest noise first")
-    print(f"wrote {args.n} samples to {out}/samples.png, samples.npz and trajectory.png")
+    rows = [(f"sigma={sigma:.3g}", snap[:8]) for sigma, snap in snaps] + [("final", x[:8])]
+    common.save_rows(rows, out / "trajectory.png",
+                     title=f"{SAMPLER_NAMES[args.sampler]}: the same chains, largest noise first")
+    print(f"wrote {args.n} samples to {out}/samples.png, samples.npz and trajectory.png "
+          f"({sampler_settings(args, device)['nfe']} network evaluations each)")
+
+
+EVAL_SIGMAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 50.0)  # the test DSM loss at each, in eval.json
 
 
 def evaluate(args):
-    """FID / IS / KID of --n samples, the test DSM loss, and the sampler's cost, into RUN/eval.json."""
+    """FID / IS / KID of --n samples, the test DSM loss (per bucket and at fixed sigmas), and the sampler's
+    cost, into RUN/eval.json."""
     device, _, _ = setup_device(args)
     dtype = amp_dtype(args, device)
     net = load_trained(args.eval, args, device)
@@ -502,18 +708,23 @@ def evaluate(args):
     x, _ = draw_samples(net, args.n, args, device, dtype, seed=args.seed)
     seconds = time.perf_counter() - start
     scores = common.generative_metrics(x, args.data, args.data_root, args.fid_extractor, args.fid_weights, device)
-    test = test_metrics(net, common.load_images(args.data, args.data_root, "test")[:args.limit_test], args, device,
-                        dtype)
-    nfe = args.num_scales * args.steps_per_level + int(args.denoise)
-    result = {**scores, **test, "sampling_seconds_per_1000": 1000 * seconds / args.n, "nfe_per_sample": nfe}
+    test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
+    test = test_metrics(net, test_images, args, device, dtype)
+    per_sigma = dsm_per_sigma(net, test_images, EVAL_SIGMAS, device, dtype)
+    result = {**scores, **test, "test_dsm_at_sigma": {f"{k:g}": v for k, v in per_sigma.items()},
+              "sampler": args.sampler, "nfe_per_sample": sampler_settings(args, device)["nfe"],
+              "sampling_seconds_per_1000": 1000 * seconds / args.n}
     (Path(args.eval) / "eval.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 
 def inpaint(args):
     """RUN/inpaint_right_half.png and inpaint_centre.png: masked test images, four completions, the originals."""
+    if args.sampler == "ode":
+        raise UserError("--sampler ode cannot inpaint (it has no noise to condition with); use --sampler ald or pc")
     device, _, _ = setup_device(args)
     net = load_trained(args.inpaint, args, device)
+    settings = sampler_settings(args, device)
     y = (common.load_images(args.data, args.data_root, "test")[:8].float() / 255).to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     masks = {"right_half": torch.zeros(1, 1, 32, 32, dtype=torch.bool, device=device),
@@ -525,8 +736,8 @@ def inpaint(args):
         rows = [("masked", torch.where(mask, y, 0.5))]
         for k in range(4):
             with torch.inference_mode(), autocast(device, amp_dtype(args, device)):
-                x, _ = annealed_langevin(net, torch.rand(y.shape, generator=g, device=device), observed=y,
-                                         mask=mask, generator=g, **sampler_settings(args, device))
+                x, _ = run_sampler(net, torch.rand(y.shape, generator=g, device=device), settings, y, mask,
+                                   generator=g)
             rows.append((f"completion {k + 1}", x))
         rows.append(("original", y))
         common.save_rows(rows, Path(args.inpaint) / f"inpaint_{name}.png", title=f"inpainting: {name}")
@@ -551,7 +762,7 @@ def bench(args, repeats=5):
 
     train_s = seconds_per_call(lambda: train_step(model, net, optimizer, scaler, x, sigmas, args, dtype), repeats)
     eval_s = seconds_per_call(score_evals, repeats)
-    nfe = args.num_scales * args.steps_per_level + int(args.denoise)
+    nfe = sampler_settings(args, device)["nfe"]
     result = {**machine(device), "parameters": sum(p.numel() for p in net.parameters()), "width": args.width,
               "precision": str(dtype or torch.float32).removeprefix("torch."), "compile": args.compile,
               "batch_size": args.batch_size, "train_images_per_s": args.batch_size / train_s,
@@ -761,6 +972,9 @@ def load_checkpoint(run):
         raise UserError(f"cannot load {path}: {reason}") from None
     if not isinstance(ckpt, dict) or ckpt.get("model") != "ncsn":
         raise UserError(f"{path} is not a checkpoint of ncsn.py")
+    missing = {"args", "net", "ema", "optimizer", "scaler", "epoch", "step"} - ckpt.keys()
+    if missing:
+        raise UserError(f"{path} is an incomplete checkpoint (it has no {', '.join(sorted(missing))})")
     return ckpt
 
 
