@@ -133,23 +133,26 @@ def markdown_table(record, losses, names):
 
 
 def between_rungs(record, names=("ncsn2019", "L10", "ncsnv2-lr1e-3", "embed")):
-    """Each run's test DSM at its own ladder's sigmas in [0.01, 1] against halfway (geometric mean) between
-    neighbouring ones: how well the network knows the sigmas it was not trained at."""
+    """How well each network knows the sigmas it was not trained at: the test DSM halfway (geometric mean)
+    between two neighbouring levels of its ladder, against the geometric mean of the losses at the two levels
+    (the loss changes smoothly with sigma), over up to ten pairs spread over [0.01, 1]."""
     test = common.load_images(DATA[1], DATA[3], "test")[:500]
-    lines = ["| run | s = | levels | at its levels in [0.01, 1] (mean) | halfway between them (mean) | ratio |",
-             "|" + "---|" * 6]
+    lines = ["| run | s = | levels | loss at its levels (mean) | halfway between (mean) | halfway / expected, "
+             "mean (max) |", "|" + "---|" * 6]
     for name in [n for n in names if n in record and record[n]["run"]]:
         args = ncsn.parse_args(["--sample", str(ROOT / record[name]["run"]), "--device", "cpu"])
         net = ncsn.load_trained(ROOT / record[name]["run"], args, torch.device("cpu"))
-        ladder = ncsn.noise_levels(args)
-        rungs = ladder[ladder <= 1.0][:10]  # the largest ten at most
-        halfway = (rungs[1:] * rungs[:-1]).sqrt()
-        on = ncsn.dsm_per_sigma(net, test, rungs.tolist(), torch.device("cpu"), None)
-        off = ncsn.dsm_per_sigma(net, test, halfway.tolist(), torch.device("cpu"), None)
-        on_mean, off_mean = statistics.mean(on.values()), statistics.mean(off.values())
+        inside = ncsn.noise_levels(args)
+        inside = inside[inside <= 1.0 + 1e-6]
+        pick = torch.linspace(0, len(inside) - 2, min(10, len(inside) - 1)).round().long()
+        upper, lower = inside[pick], inside[pick + 1]
+        at_upper, at_lower, halfway = (torch.tensor(list(ncsn.dsm_per_sigma(
+            net, test, sigmas.tolist(), torch.device("cpu"), None).values())) for sigmas in
+            (upper, lower, (upper * lower).sqrt()))
+        ratio = halfway / (at_upper * at_lower).sqrt()
         param = "f(x, sigma) / sigma" if args.score_param == "divide" else "f(x, sigma)"
-        lines.append(f"| {CONFIGS[name][1]} | {param} | {args.num_scales} | {on_mean:.1f} | {off_mean:.1f} | "
-                     f"{off_mean / on_mean:.2f} |")
+        lines.append(f"| {CONFIGS[name][1]} | {param} | {args.num_scales} | {at_upper.mean():.1f} | "
+                     f"{halfway.mean():.1f} | {ratio.mean():.2f} ({ratio.max():.2f}) |")
         print(lines[-1], flush=True)
     return "\n".join(lines) + "\n"
 
