@@ -153,6 +153,9 @@ def parse_args(argv=None):
         least = {"ald": 2 * args.steps_per_level, "pc": 3, "ode": 2}[args.sampler] + int(args.denoise)
         p.error(f"--nfe {args.nfe} is too few for --sampler {args.sampler}: it needs two noise levels "
                 f"(at least {least} evaluations)")
+    if args.nfe is not None and args.score_param == "embed" and sampler_levels(args)[0] > args.num_scales:
+        p.error(f"--nfe {args.nfe} needs more noise levels than the {args.num_scales} this 'embed' network was "
+                f"trained on, and it does not know the sigmas between them (README): use a smaller --nfe")
     if args.track and importlib.util.find_spec("wandb") is None:
         p.error("--track needs wandb: pip install wandb")
     return args
@@ -180,7 +183,8 @@ def geometric_sigmas(sigma_max, sigma_min, num_scales):
 def noise_levels(args, levels=None):
     """The run's L sigmas, or `levels` of them for a cheaper sampler: rungs spread evenly along the ladder, since
     the network was trained at these sigmas only (an 'embed' network trained on 10 levels gives scores no better
-    than zero between them: README). More levels than L: a finer geometric ladder between the same end points."""
+    than zero between them: README). More levels than L: a finer geometric ladder between the same end points,
+    which f / sigma networks handle and parse_args refuses for 'embed' ones."""
     ladder = geometric_sigmas(args.sigma_max, args.sigma_min, args.num_scales)
     if levels is None or levels == args.num_scales:
         return ladder
@@ -232,7 +236,8 @@ class SigmaGroupNorm(nn.GroupNorm):
         nn.init.zeros_(self.scale_shift.bias)
 
     def forward(self, h, emb):
-        log_scale, shift = self.scale_shift(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+        with torch.autocast(h.device.type, enabled=False):  # exp of a float16 log-scale overflows past 11
+            log_scale, shift = self.scale_shift(emb.float())[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1)
         return super().forward(h) * log_scale.exp() + shift
 
 
@@ -374,7 +379,7 @@ def finish(score_net, x, sigma_min, denoise, observed, mask, generator):
 
 def predictor_corrector(score_net, x, sigmas, snr=0.16, denoise=True, observed=None, mask=None, record=(),
                         generator=None):
-    """Predictor-corrector sampling of the variance-exploding SDE (Song et al. 2021, Alg. 3 and 4).
+    """Predictor-corrector sampling of the variance-exploding SDE (Song et al. 2021, Alg. 2 and 4).
 
     x must be a draw from about p_sigma_1. At each level: one Langevin *corrector* step whose size
     2 (snr |z| / |s|)^2 sets the ratio of noise to drift, with |z| and |s| averaged over the batch as in
@@ -617,9 +622,9 @@ def sampler_levels(args):
 
     Without --nfe every sampler visits the run's L levels: ald with T steps each (L T + 1 = 1,161 for
     NCSNv2), pc with one corrector and one predictor step (2L), ode with one Heun step between
-    neighbours (2L - 1). With --nfe every sampler takes as many levels (geometric, from sigma_1 to sigma_L) as
-    the budget pays for: ald (nfe - 1) / T levels of T steps (and eps chosen for their spacing by
-    technique4_eps). The final denoising step costs one evaluation in every sampler.
+    neighbours (2L - 1). With --nfe every sampler takes as many levels as the budget pays for (noise_levels
+    picks them, from sigma_1 to sigma_L): ald (nfe - 1) / T levels of T steps (and eps chosen for their spacing
+    by technique4_eps). The final denoising step, when on, costs one evaluation in every sampler.
     """
     budget = None if args.nfe is None else args.nfe - int(args.denoise)
     if args.sampler == "ald":

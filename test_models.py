@@ -879,7 +879,17 @@ def test_ncsn_head_reads_the_input_in_float32_under_bf16_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         net(x, torch.full((2,), 0.01))
     assert seen["x"].dtype == seen["h"].dtype == torch.float32 and seen["next"].dtype == torch.bfloat16
-    assert torch.allclose(seen["x"], (x - 0.5) / (0.01**2 + 0.25) ** 0.5, rtol=0, atol=1e-6)  # bf16 rounds by 4e-3
+    assert torch.allclose(seen["x"], (x - 0.5) / (0.01**2 + 0.25) ** 0.5, rtol=0, atol=1e-6)  # the c_in scaling
+
+
+def test_ncsn_sigma_conditioned_norm_reaches_large_scales_under_float16():
+    """The scale exp(a) must reach 1 / sigma_L = 100 and beyond. Bug it catches: a computed in float16 (a T4's
+    autocast), whose exp overflows to inf past a = 11.1 and turns the score into NaN."""
+    norm = ncsn.SigmaGroupNorm(8, 4)
+    torch.nn.init.constant_(norm.scale_shift.bias[:8], 12.0)  # log-scale 12: scale 1.6e5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        out = norm(torch.randn(2, 8, 4, 4), torch.zeros(2, 4))
+    assert torch.isfinite(out).all() and out.abs().max() > 1e5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -948,6 +958,9 @@ def test_ncsn_sample_inpaint_and_eval_with_each_sampler(tiny_images, tmp_path, c
     with pytest.raises(SystemExit):
         ncsn.main(["--sample", str(run), "--sampler", "pc", "--nfe", "3"])
     assert "--nfe 3 is too few for --sampler pc" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an 'embed' network is not asked about sigmas between its 10 levels
+        ncsn.parse_args(["--preset", "ncsn2019", "--sampler", "ode", "--nfe", "58"])
+    assert "needs more noise levels than the 10 this 'embed' network" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not REAL_DATA.exists(), reason="the shared CIFAR-10 JPEG copy is not on this machine")
