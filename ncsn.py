@@ -703,6 +703,14 @@ def sample(args):
 EVAL_SIGMAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 50.0)  # the test DSM loss at each, in eval.json
 
 
+def eval_sigmas(args):
+    """{EVAL_SIGMAS inside the run's range: the run's level nearest to it}. The network is asked only about
+    sigmas it was trained at (the 2019 setting's 10 levels: 0.03 -> 0.0278, 0.1 -> 0.129, ...)."""
+    ladder = noise_levels(args)
+    return {s: ladder[(ladder.log() - math.log(s)).abs().argmin()].item()
+            for s in EVAL_SIGMAS if args.sigma_min <= s <= args.sigma_max}
+
+
 def evaluate(args):
     """FID / IS / KID of --n samples, the test DSM loss (per bucket and at fixed sigmas), and the sampler's
     cost, into RUN/eval.json."""
@@ -715,8 +723,10 @@ def evaluate(args):
     scores = common.generative_metrics(x, args.data, args.data_root, args.fid_extractor, args.fid_weights, device)
     test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
     test = test_metrics(net, test_images, args, device, dtype)
-    per_sigma = dsm_per_sigma(net, test_images, EVAL_SIGMAS, device, dtype)
-    result = {**scores, **test, "test_dsm_at_sigma": {f"{k:g}": v for k, v in per_sigma.items()},
+    used = eval_sigmas(args)
+    per_sigma = dsm_per_sigma(net, test_images, list(used.values()), device, dtype)
+    result = {**scores, **test, "test_dsm_at_sigma": {f"{k:g}": per_sigma[v] for k, v in used.items()},
+              "test_dsm_sigma_used": {f"{k:g}": v for k, v in used.items()},
               "sampler": args.sampler, "nfe_per_sample": sampler_settings(args, device)["nfe"],
               "sampling_seconds_per_1000": 1000 * seconds / args.n}
     (Path(args.eval) / "eval.json").write_text(json.dumps(result, indent=2))

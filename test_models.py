@@ -958,6 +958,10 @@ def test_ncsn_sample_inpaint_and_eval_with_each_sampler(tiny_images, tmp_path, c
     with pytest.raises(SystemExit):
         ncsn.main(["--sample", str(run), "--sampler", "pc", "--nfe", "3"])
     assert "--nfe 3 is too few for --sampler pc" in capsys.readouterr().err
+    used = ncsn.eval_sigmas(ncsn.parse_args(["--preset", "ncsn2019"]))  # eval.json's sigmas for the 2019 setting
+    ladder = ncsn.noise_levels(ncsn.parse_args(["--preset", "ncsn2019"])).tolist()
+    assert list(used) == [0.01, 0.03, 0.1, 0.3, 1.0] and all(v in ladder for v in used.values())
+    assert used[0.03] == pytest.approx(0.0278, abs=1e-4)  # its nearest level, not a sigma it never saw
     with pytest.raises(SystemExit):  # an 'embed' network is not asked about sigmas between its 10 levels
         ncsn.parse_args(["--preset", "ncsn2019", "--sampler", "ode", "--nfe", "58"])
     assert "needs more noise levels than the 10 this 'embed' network" in capsys.readouterr().err
