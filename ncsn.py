@@ -149,11 +149,12 @@ def parse_args(argv=None):
         p.error(f"--ema must be in [0, 1), got {args.ema}")
     if args.sigma_min >= args.sigma_max:
         p.error(f"--sigma-min {args.sigma_min:g} must be below --sigma-max {args.sigma_max:g}: the noise anneals down")
-    if args.nfe is not None and sampler_levels(args)[0] < 2:
+    levels = None if args.nfe is None else sampler_levels(args)[0]  # what --nfe pays for
+    if levels is not None and levels < 2:
         least = {"ald": 2 * args.steps_per_level, "pc": 3, "ode": 2}[args.sampler] + int(args.denoise)
         p.error(f"--nfe {args.nfe} is too few for --sampler {args.sampler}: it needs two noise levels "
                 f"(at least {least} evaluations)")
-    if args.nfe is not None and args.score_param == "embed" and sampler_levels(args)[0] > args.num_scales:
+    if levels is not None and args.score_param == "embed" and levels > args.num_scales:
         p.error(f"--nfe {args.nfe} needs more noise levels than the {args.num_scales} this 'embed' network was "
                 f"trained on, and it does not know the sigmas between them (README): use a smaller --nfe")
     if args.track and importlib.util.find_spec("wandb") is None:
@@ -735,8 +736,6 @@ def evaluate(args):
 
 def inpaint(args):
     """RUN/inpaint_right_half.png and inpaint_centre.png: masked test images, four completions, the originals."""
-    if args.sampler == "ode":
-        raise UserError("--sampler ode cannot inpaint (it has no noise to condition with); use --sampler ald or pc")
     device, _, _ = setup_device(args)
     net = load_trained(args.inpaint, args, device)
     settings = sampler_settings(args, device)

@@ -169,10 +169,10 @@ def demo(run, n=16):
     """The samplers on a trained run: CPU seconds per sample (one thread) and a grid row each."""
     torch.set_num_threads(1)
     rows, images = [], []
+    net = ncsn.load_trained(run, ncsn.parse_args(["--sample", run, "--device", "cpu"]), torch.device("cpu"))
     for sampler, nfe in (("ald", None), ("ald", 232), ("pc", 232), ("ode", 232), ("ode", 58)):
         args = ncsn.parse_args(["--sample", run, "--device", "cpu", "--sampler", sampler, "--sample-batch", str(n)]
                                + ([] if nfe is None else ["--nfe", str(nfe)]))
-        net = ncsn.load_trained(run, args, torch.device("cpu"))
         start = time.process_time()
         x, _ = ncsn.draw_samples(net, n, args, torch.device("cpu"), None, seed=0)
         seconds = (time.process_time() - start) / n

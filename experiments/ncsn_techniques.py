@@ -111,13 +111,18 @@ def train(names, budget, parallel=2):
               f"{record[name]['wall_seconds']:.0f} s wall", flush=True)
 
 
+def load_run(run, *extra):
+    """(args, EMA network) of a finished run, on the CPU; `extra` flags choose its sampler."""
+    args = ncsn.parse_args(["--sample", str(run), "--device", "cpu", *extra])
+    return args, ncsn.load_trained(run, args, torch.device("cpu"))
+
+
 def per_sigma_losses(record, names):
     """Each run's test DSM loss at TEST_SIGMAS (EMA weights, 500 test images, the same noise for every run)."""
     test = common.load_images(DATA[1], DATA[3], "test")[:500]
     for name in names:
         if list(record[name].get("test_dsm_at_sigma", {})) != [f"{s:.3g}" for s in TEST_SIGMAS]:
-            args = ncsn.parse_args(["--sample", str(ROOT / record[name]["run"]), "--device", "cpu"])
-            net = ncsn.load_trained(ROOT / record[name]["run"], args, torch.device("cpu"))
+            _, net = load_run(ROOT / record[name]["run"])
             losses = ncsn.dsm_per_sigma(net, test, TEST_SIGMAS, torch.device("cpu"), None)
             record[name]["test_dsm_at_sigma"] = {f"{k:.3g}": v for k, v in losses.items()}
             RECORD.write_text(json.dumps(record, indent=2))
@@ -140,8 +145,7 @@ def between_rungs(record, names=("ncsn2019", "L10", "ncsnv2-lr1e-3", "embed")):
     lines = ["| run | s = | levels | loss at its levels (mean) | halfway between (mean) | halfway / expected, "
              "mean (max) |", "|" + "---|" * 6]
     for name in [n for n in names if n in record and record[n]["run"]]:
-        args = ncsn.parse_args(["--sample", str(ROOT / record[name]["run"]), "--device", "cpu"])
-        net = ncsn.load_trained(ROOT / record[name]["run"], args, torch.device("cpu"))
+        args, net = load_run(ROOT / record[name]["run"])
         inside = ncsn.noise_levels(args)
         inside = inside[inside <= 1.0 + 1e-6]
         pick = torch.linspace(0, len(inside) - 2, min(10, len(inside) - 1)).round().long()
@@ -165,10 +169,10 @@ def sample_rows(record, names, n=8):
     rows = []
     for name in names:
         run = ROOT / record[name]["run"]
+        _, net = load_run(run)
         for extra in (["--sampler", "ode"], []) if name in ("ncsnv2", "ncsn2019") else (
                 ["--sampler", "ode"],):
             args = ncsn.parse_args(["--sample", str(run), "--device", "cpu", "--sample-batch", str(n), *extra])
-            net = ncsn.load_trained(run, args, torch.device("cpu"))
             start = time.process_time()
             x, _ = ncsn.draw_samples(net, n, args, torch.device("cpu"), None, seed=0)
             settings = ncsn.sampler_settings(args, torch.device("cpu"))
