@@ -1,64 +1,51 @@
-"""An energy-based model (EBM) of CIFAR-10, trained by contrastive divergence with SGLD and a replay buffer.
+"""An energy-based model (EBM) of CIFAR-10, trained by contrastive divergence with SGLD.
 
-    python ebm.py                                   # train IGEBM's unconditional CIFAR-10 model (18.6M, K = 60)
-    python ebm.py --toy                             # 2-D demo on the CPU in under a minute
-    python ebm.py --sample runs/RUN --n 64          # fresh samples; --eval RUN, --inpaint RUN, --bench
-    torchrun --standalone --nproc_per_node=8 ebm.py # the same on 8 GPUs
+    python ebm.py --epochs 200                       # IGEBM's unconditional CIFAR-10 model, one GPU
+    python ebm.py --sample runs/RUN --n 64           # samples.png and samples.npz
+    python ebm.py --eval runs/RUN --n 10000          # FID / IS / KID and the energies
+    python ebm.py --inpaint runs/RUN                 # fill in the centre of test images
+    python -m experiments.ebm_toy                    # the same method on a 2-D toy, a minute
+    torchrun --standalone --nproc_per_node=8 ebm.py --epochs 200
 
 The model. A network E_theta maps an image x to one number, its energy, and defines the density
+p_theta(x) = exp(-E_theta(x)) / Z(theta), Z(theta) = integral exp(-E_theta(x)) dx. Low energy means
+a likely image. Z is intractable, but its gradient is an expectation under the model, grad_theta
+log Z = -E_{x ~ p_theta}[grad_theta E_theta(x)], so the maximum-likelihood gradient is
 
-    p_theta(x) = exp(-E_theta(x)) / Z(theta),      Z(theta) = integral of exp(-E_theta(x)) dx.
+    grad_theta E_data[-log p_theta(x)] = E_{x+ ~ data}[grad E(x+)] - E_{x- ~ p_theta}[grad E(x-)]
 
-Low energy = likely image. Z is intractable, but its gradient is an expectation under the model,
-grad_theta log Z = -E_{x ~ p_theta}[grad_theta E_theta(x)], so the maximum-likelihood gradient is
+Push the energy of data (positives x+) down and that of the model's own samples (negatives x-)
+up; at the optimum the two balance. Contrastive divergence (Hinton 2002) draws the negatives by a
+short MCMC run and treats them as constants: the loss is E(x+) - E(x-). IGEBM (Du & Mordatch 2019,
+https://arxiv.org/abs/1903.08689) adds alpha (E(x+)^2 + E(x-)^2), which keeps the energies near 0
+so that the first two terms cannot win by running off to infinity (alpha = 1; Adam, lr 3e-4,
+betas (0, 0.999), each gradient entry clipped to 3 of its running standard deviations + 0.1).
 
-    grad_theta E_data[-log p_theta(x)] = E_{x+ ~ data}[grad_theta E(x+)] - E_{x- ~ p_theta}[grad_theta E(x-)].
+The sampler is stochastic gradient Langevin dynamics (SGLD, Welling & Teh 2011): x <- x - (eps / 2)
+grad_x E(x) + sqrt(eps) N(0, I) samples p_theta as eps -> 0 and the steps -> infinity. IGEBM runs
+K = 60 steps of x <- clamp(x - lambda clip(grad_x E, +-0.01) + N(0, 0.005^2), 0, 1), lambda = 10:
+not in Langevin's proportion (it would need noise sqrt(2 lambda)), so it samples exp(-E / T) at
+T ~ 1e-6, close to noisy gradient descent: sharper images from short chains. The chains start from
+a replay buffer of 10,000 past negatives (5% restart from uniform noise), so a chain continues
+across training steps (persistent CD, Tieleman 2008) and 60 steps an update add up to thousands
+(Nijkamp et al. 2019, https://arxiv.org/abs/1904.09770, study short-run chains instead).
 
-Push the energy of data (positives x+) down and the energy of the model's own samples (negatives
-x-) up; at the optimum the two expectations balance. Contrastive divergence (Hinton 2002) gets the
-negatives from a short MCMC run and treats them as constants, so the loss is E(x+) - E(x-).
-
-The sampler is stochastic gradient Langevin dynamics (Welling & Teh 2011):
-
-    x_{k+1} = x_k - (eps / 2) grad_x E(x_k) + sqrt(eps) * N(0, I),
-
-which samples p_theta as eps -> 0 and K -> infinity. IGEBM (Du & Mordatch 2019) runs K = 60
-steps of x <- clamp(x - lambda * clip(grad_x E, +-0.01) + N(0, 0.005^2), 0, 1) with lambda = 10. These
-chains start from a replay buffer of 10,000 past negatives (95% of each batch; 5% restart from
-U(0, 1) noise), so a chain continues across training steps (persistent CD, Tieleman 2008) and
-60 steps per update add up to thousands. Nijkamp et al. (2019) study the short-run alternative.
-
-The loss (IGEBM's regularisation) adds an L2 penalty on the energies, which keeps them near zero so that
-E(x+) - E(x-) cannot win by letting both run off to infinity:
-
-    L = E(x+) - E(x-) + alpha * (E(x+)^2 + E(x-)^2),   alpha = 1;   Adam(lr 3e-4, betas (0, 0.999)).
-
-A density needs continuous data: pixels k/255 become (k + u) / 256, u ~ U(0, 1) (uniform
-dequantization), so the model cannot put infinite density on the 256 discrete values.
-
-Training EBMs is unstable: the energies eventually blow up (JEM's and VAEBM's authors say so), and
-their remedy is to restart from the last good checkpoint with a lower learning rate. This file does
-that automatically; the checkpoint holds the replay buffer, so a resumed run is exact.
-
-Out-of-distribution detection (Du & Mordatch 2019; Grathwohl et al. 2020, JEM): -E(x) is an
-unnormalised log-likelihood, so it should rank test images above noise, flat colours or SVHN.
-
-References
-    Du & Mordatch 2019, Implicit Generation and Generalization in EBMs (IGEBM)  https://arxiv.org/abs/1903.08689
-    Nijkamp, Hill, Zhu & Wu 2019, Learning Non-Convergent Short-Run MCMC        https://arxiv.org/abs/1904.09770
-    Du, Li, Tenenbaum & Mordatch 2021, Improved Contrastive Divergence          https://arxiv.org/abs/2012.01316
-    Grathwohl et al. 2020, Your Classifier is Secretly an EBM (JEM)             https://arxiv.org/abs/1912.03263
-    Song & Kingma 2021, How to Train Your Energy-Based Models (a tutorial)       https://arxiv.org/abs/2101.03288
-    Miyato et al. 2018, Spectral Normalization                                   https://arxiv.org/abs/1802.05957
-    Welling & Teh 2011, Bayesian Learning via Stochastic Gradient Langevin Dynamics (ICML)
+A density needs continuous data: pixels k/255 become (k + u) / 256, u ~ U(0, 1) (dequantization).
+EBM training is unstable: the energies blow up in the end (JEM's and VAEBM's authors say so), and
+their remedy, a restart from the last good checkpoint with a lower learning rate, is automatic
+here. -E(x) is an unnormalised log-likelihood: experiments/ebm_ood.py scores out-of-distribution
+images with it, as IGEBM and JEM (Grathwohl et al. 2020) do. Reported (theirs): IGEBM FID 40.58;
+short-run MCMC 44.5; improved contrastive divergence (Du et al. 2021) 25.1.
 """
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -74,171 +61,75 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 import common
-from common import UserError, non_negative_float, positive_float, positive_int
+from common import UserError, non_negative_float, positive_float, positive_int, run_name
 
-# ----------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------
-
-COMMANDS = ("resume", "sample", "eval", "inpaint", "toy", "bench")  # what to do now: never read from a run's config
-
-
-def probability(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                                usage=argparse.SUPPRESS)  # no usage block: a bad flag is one line, exit status 2
-    # the flags every script shares
-    p.add_argument("--epochs", type=positive_int, default=100, help="passes over the training set")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="images per step, all processes together")
-    p.add_argument("--lr", type=positive_float, default=3e-4, help="Adam learning rate (IGEBM's code: 3e-4)")
-    p.add_argument("--seed", type=int, default=1, help="random seed")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], default="auto", help="where to run")
-    p.add_argument("--data", default="cifar10", help="'cifar10' or any folder of images")
-    p.add_argument("--data-root", default="data", help="where CIFAR-10 and decoded-image caches live")
-    p.add_argument("--run-dir", default="runs", help="parent folder of run folders")
-    p.add_argument("--name", default="default", help="run name, part of the run folder's name")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="mixed precision on CUDA: bf16 where native, else float16 with a gradient scaler")
-    p.add_argument("--compile", action="store_true", help="torch.compile the energy network")
-    p.add_argument("--track", action="store_true", help="also log to Weights & Biases (needs wandb)")
-    p.add_argument("--limit-train", type=positive_int, help="use only the first N training images")
-    p.add_argument("--limit-test", type=positive_int, help="test images for the test energy and --eval (default: all)")
-    p.add_argument("--log-every", type=positive_int, default=10, help="steps between logged (host-synced) losses")
-    p.add_argument("--grad-clip", type=positive_float, default=0.1, help="clip the norm of the weights' gradient")
-    p.add_argument("--max-bad-steps", type=positive_int, default=10,
-                   help="roll back after this many bad steps in a row (non-finite, or |E| > --max-energy)")
-    # what to do, if not training from scratch
-    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (use --epochs to extend)")
-    p.add_argument("--sample", metavar="RUN", help="write RUN/samples.png and samples.npz (see --n, --steps, --chains)")
-    p.add_argument("--eval", metavar="RUN", help="FID / IS / KID, energy statistics and OOD AUROCs into RUN/eval.json")
-    p.add_argument("--inpaint", metavar="RUN", help="fill the centre of test images by SGLD: RUN/inpaint.png")
-    p.add_argument("--toy", nargs="?", const="8gaussians", choices=("8gaussians", "rings"),
-                   help="train a 2-D MLP energy on the CPU in under a minute (default data: 8gaussians)")
-    p.add_argument("--bench", action="store_true", help="measure training and sampling speed; write bench.json")
-    p.add_argument("--n", type=positive_int, default=64, help="images for --sample / --eval / --inpaint")
-    p.add_argument("--fid-extractor", default="inception-v3-compat", help="torch-fidelity feature extractor")
-    p.add_argument("--fid-weights", metavar="FILE", help="Inception weights file, for machines with no network")
-    p.add_argument("--steps", type=positive_int, help="SGLD steps for --sample / --eval / --inpaint (default: K)")
-    p.add_argument("--chains", default="buffer", choices=("buffer", "noise"),
-                   help="start --sample/--eval chains from the saved replay buffer (as IGEBM's samples) or from U(0,1)")
-    p.add_argument("--ood", choices=("svhn",), help="--eval: also score SVHN's test set (downloaded by torchvision)")
-    # the network
-    p.add_argument("--width", type=positive_int, default=128,
-                   help="channels of the first ResNet stage (IGEBM: 128, 18.6M parameters)")
-    p.add_argument("--dropout", type=probability, default=0.5,
-                   help="dropout in every block, in training and its SGLD (IGEBM: 0.5)")
-    # the loss, the sampler, the replay buffer, the safety net
-    p.add_argument("--alpha", type=non_negative_float, default=1.0, help="weight of alpha (E+^2 + E-^2) (IGEBM: 1)")
-    p.add_argument("--sgld-steps", type=positive_int, default=60, help="SGLD steps K per training step (IGEBM: 60)")
-    p.add_argument("--sgld-step-size", type=positive_float, default=10.0, help="SGLD step size lambda (IGEBM: 10)")
-    p.add_argument("--sgld-noise", type=non_negative_float, default=0.005, help="SGLD noise std (IGEBM: 0.005)")
-    p.add_argument("--sgld-grad-clip", type=positive_float, default=0.01, help="clip grad_x E to +-this (IGEBM: 0.01)")
-    p.add_argument("--buffer-size", type=positive_int, default=10000,
-                   help="replay buffer size, all processes together (IGEBM: 10,000)")
-    p.add_argument("--restart-rate", type=probability, default=0.05, help="chains restarted from U(0,1) (IGEBM: 0.05)")
-    p.add_argument("--max-energy", type=positive_float, default=1000.0, help="|E| beyond this is a divergence")
-    p.add_argument("--max-rollbacks", type=int, default=3, help="stop after this many rollbacks to the last checkpoint")
-    p.add_argument("--lr-drop", type=probability, default=0.5, help="multiply the learning rate by this at a rollback")
-    args = p.parse_args(argv)
-    run = args.resume or args.sample or args.eval or args.inpaint
-    if run:  # the run's own settings become the defaults: `--resume RUN --epochs 300` keeps its width, data, ...
-        p.set_defaults(**{k: v for k, v in read_config(run).items() if k not in COMMANDS})
-        args = p.parse_args(argv)
-    args.steps = args.steps or args.sgld_steps
-    if args.max_rollbacks < 0:
-        p.error(f"--max-rollbacks must not be negative, got {args.max_rollbacks}")
-    if args.dropout == 1:
-        p.error("--dropout must be below 1 (1 would drop every unit)")
-    if args.track and importlib.util.find_spec("wandb") is None:
-        p.error("--track needs wandb: pip install wandb")
-    return args
-
-
-def read_config(run):
-    """The arguments a run was started with (its config.json)."""
-    try:
-        return json.loads((Path(run) / "config.json").read_text())["args"]
-    except FileNotFoundError:
-        raise UserError(f"{run} is not a run folder (no config.json)") from None
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{run}/config.json is damaged (not the JSON this project writes)") from None
+MODEL = "ebm"
 
 
 # ----------------------------------------------------------------------------------------------
-# The energy network
+# The network: IGEBM's unconditional ResNet32Large (its official code, models.py)
 # ----------------------------------------------------------------------------------------------
-# IGEBM's unconditional CIFAR-10 network (ResNet32Large in the official code, models.py; the conditional
-# model is a smaller ResNet32): a stem conv and nine residual blocks, three each at 128, 256 and 512
-# channels, the first of each width halving the resolution (32 -> 16 -> 8 -> 4), sum pooling, a linear
-# layer: 18.6M parameters. Dropout 0.5 inside every block, as IGEBM's training runs it (also during SGLD).
-# No BatchNorm: an image's energy must not depend on the other images in its batch.
-# Spectral normalisation bounds each conv's Lipschitz constant, so the energy cannot become arbitrarily
-# steep: the main stabiliser of IGEBM's training. The final linear layer has none (IGEBM): it only scales E.
-# Ordinary conv biases where IGEBM adds a learned bias to a conv's input (the same but at the zero-padded
-# border). One real change, SiLU for IGEBM's leaky ReLU (and its ReLU before the pooling): SGLD moves images along
-# -grad_x E, so the network's *input gradient* is what generates images. (Leaky) ReLU makes E piecewise
-# linear in x, its gradient piecewise constant, jumping between regions; SiLU is smooth, so grad_x E varies
-# smoothly and SGLD follows the landscape.
+# A stem conv and nine residual blocks, three each at 128, 256 and 512 channels, the first of each
+# width halving the resolution (32 -> 16 -> 8 -> 4), sum pooling, a linear layer: 18.6M parameters.
+# Dropout 0.5 in every block, in training and its chains (IGEBM's training graph runs the chains
+# through the same forward). No BatchNorm: an image's energy must not depend on its batch. Spectral
+# normalisation bounds each conv's Lipschitz constant: the energy cannot become arbitrarily steep.
+# Two differences from IGEBM: SiLU for its leaky ReLU, as SGLD follows grad_x E, which (leaky) ReLU
+# makes piecewise constant and SiLU smooth; and ordinary conv biases where IGEBM adds a learned bias
+# to a conv's input, which is not the same near the zero-padded border (and is tied to the weights).
 
 class SpectralNorm(nn.Module):
-    """The parametrisation W -> W / sigma(W), sigma = largest singular value of W as an (out, in*k*k) matrix,
-    by power iteration (Miyato et al. 2018); at_most_one: W / max(sigma, 1), which leaves a small weight alone.
-
-    One power-iteration step per forward in training mode (u and v are buffers); none in eval mode.
-    """
+    """The parametrisation W -> W / sigma(W), sigma the largest singular value of W as an (out,
+    in k k) matrix, by power iteration (Miyato et al. 2018); at_most_one: W / max(sigma, 1), which
+    leaves a small weight alone. A power-iteration step per forward in training, none in eval."""
 
     def __init__(self, weight, at_most_one=False, warmup=15):
         super().__init__()
         self.at_most_one = at_most_one
         w = weight.detach().flatten(1)
         u, v = F.normalize(torch.randn(len(w)), dim=0), None
-        for _ in range(warmup):  # start from a converged estimate, not a random one
+        for _ in range(warmup):  # start from a converged estimate
             v = F.normalize(w.T @ u, dim=0)
             u = F.normalize(w @ v, dim=0)
         self.register_buffer("u", u)
         self.register_buffer("v", v)
 
     def forward(self, weight):
-        with torch.autocast(weight.device.type, enabled=False):  # float32 even under autocast: sigma is one number
+        with torch.autocast(weight.device.type, enabled=False):  # float32: sigma is one number
             w = weight.flatten(1)
             if self.training:
                 with torch.no_grad():
                     self.v.copy_(F.normalize(w.T @ self.u, dim=0))
                     self.u.copy_(F.normalize(w @ self.v, dim=0))
-            u, v = self.u.clone(), self.v.clone()  # copies: the next forward's power iteration must not change
-            sigma = u @ w @ v  # u^T W v, differentiable in W         # what this one's backward needs
-            return weight / sigma.clamp(min=1) if self.at_most_one else weight / sigma
+            sigma = self.u.clone() @ w @ self.v.clone()  # u^T W v, differentiable in W (copies: the
+            return weight / (sigma.clamp(min=1) if self.at_most_one else sigma)  # next power step
+            # must not change what this one's backward needs)
+
+
+def spectral_norm(layer, at_most_one=False):
+    norm = SpectralNorm(layer.weight, at_most_one)
+    return parametrize.register_parametrization(layer, "weight", norm)
 
 
 def dropout(h, p, training):
-    """Dropout. On the CPU its mask comes from torch.rand: F.dropout's bernoulli_ costs 4 times as much there, and
-    with a mask per block at every SGLD step it took 6-8% of the training time (README: the profile)."""
+    """Dropout, its mask from torch.rand on the CPU (F.dropout's bernoulli_ costs 4x as much)."""
     if not training or p == 0 or h.device.type != "cpu":
         return F.dropout(h, p, training)
     return h * (torch.rand_like(h) >= p) * (1 / (1 - p))
 
 
-def spectral_norm(layer, at_most_one=False):
-    return parametrize.register_parametrization(layer, "weight", SpectralNorm(layer.weight, at_most_one))
-
-
 class ResBlock(nn.Module):
-    """silu(skip(x) + g * conv2(silu(dropout(conv1(x))))), 2x average-pooled after the sum if down (IGEBM)."""
+    """silu(skip(x) + g conv2(silu(dropout(conv1(x))))), average-pooled after the sum if down."""
 
     def __init__(self, c_in, c_out, down, dropout):
         super().__init__()
         self.conv1 = spectral_norm(nn.Conv2d(c_in, c_out, 3, padding=1))
         conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.normal_(conv2.weight, std=1e-10), nn.init.zeros_(conv2.bias)  # every block starts as the identity:
-        self.conv2 = spectral_norm(conv2, at_most_one=True)  # W / max(sigma, 1) keeps it near 0 (W / sigma would not)
-        self.gain = nn.Parameter(torch.ones(c_out, 1, 1))  # lets the branch grow past SN's bound of 1
-        self.skip = spectral_norm(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)) if c_in != c_out else nn.Identity()
+        nn.init.normal_(conv2.weight, std=1e-10), nn.init.zeros_(conv2.bias)  # an identity at first
+        self.conv2 = spectral_norm(conv2, at_most_one=True)  # / max(sigma, 1) keeps it so
+        self.gain = nn.Parameter(torch.ones(c_out, 1, 1))  # the branch may grow past SN's bound 1
+        shortcut = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.skip = spectral_norm(shortcut) if c_in != c_out else nn.Identity()
         self.down, self.dropout = down, dropout
 
     def forward(self, x):
@@ -248,91 +139,84 @@ class ResBlock(nn.Module):
 
 
 class EnergyNet(nn.Module):
-    """(B, 3, 32, 32) in [0, 1] -> energies (B,). Channels width, 2 width, 4 width; 18.6M parameters at 128."""
+    """(B, 3, 32, 32) in [0, 1] -> energies (B,). Channels width, 2 width, 4 width."""
 
     def __init__(self, width=128, dropout=0.5):
         super().__init__()
         self.stem = spectral_norm(nn.Conv2d(3, width, 3, padding=1, bias=False))
         channels = [width] * 3 + [2 * width] * 3 + [4 * width] * 3
-        self.blocks = nn.Sequential(*[ResBlock(c_in, c_out, i % 3 == 0, dropout)  # 32 -> 16 -> 8 -> 4
-                                      for i, (c_in, c_out) in enumerate(zip([width, *channels], channels))])
-        self.head = nn.Linear(4 * width, 1)
+        pairs = enumerate(zip([width, *channels], channels))  # 32 -> 16 -> 8 -> 4: the first of
+        self.blocks = nn.Sequential(*[ResBlock(a, b, i % 3 == 0, dropout)  # each width halves
+                                      for i, (a, b) in pairs])
+        self.head = nn.Linear(4 * width, 1)  # no spectral norm: it only scales E (IGEBM)
 
     def forward(self, x):
         h = self.blocks(F.silu(self.stem(x)))  # (B, 4 width, 4, 4)
-        return self.head(h.sum((2, 3))).squeeze(1)  # sum pooling (IGEBM), then a scalar per image
-
-
-def toy_energy_net(hidden=128):
-    """The 2-D toy's energy: an MLP (B, 2) -> (B,), smooth for the same reason as above."""
-    return nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                         nn.Linear(hidden, 1), nn.Flatten(0))
+        return self.head(h.sum((2, 3))).squeeze(1)  # sum pooling (IGEBM), a scalar per image
 
 
 # ----------------------------------------------------------------------------------------------
-# The loss, the sampler and the replay buffer
+# The loss
 # ----------------------------------------------------------------------------------------------
 
 def contrastive_divergence_loss(energy_pos, energy_neg, alpha):
-    """L = mean E(x+) - mean E(x-) + alpha * mean(E(x+)^2 + E(x-)^2)   (IGEBM).
-
-    The negatives come from SGLD and carry no gradient: only the first two terms' dependence on theta
-    is differentiated, which is exactly the maximum-likelihood gradient of the docstring.
-    """
-    return energy_pos.mean() - energy_neg.mean() + alpha * ((energy_pos**2).mean() + (energy_neg**2).mean())
+    """L = mean E(x+) - mean E(x-) + alpha (mean E(x+)^2 + mean E(x-)^2) (IGEBM). The negatives come
+    from SGLD as constants: the first two terms' gradient is the maximum-likelihood gradient."""
+    penalty = (energy_pos**2).mean() + (energy_neg**2).mean()
+    return energy_pos.mean() - energy_neg.mean() + alpha * penalty
 
 
-def sgld(energy, x, steps, step_size, noise, grad_clip=None, bounds=(0.0, 1.0), mask=None, generator=None,
-         every=0):
-    """K steps of x <- clamp(x - step_size * clip(grad_x E(x)) + noise * N(0, I), bounds).
+# ----------------------------------------------------------------------------------------------
+# The sampler: SGLD, and the replay buffer its chains persist in
+# ----------------------------------------------------------------------------------------------
 
-    With step_size = eps / 2, noise = sqrt(eps), no clipping and no bounds this is Langevin dynamics
-    and samples exp(-E). IGEBM's setting (step 10, noise 0.005, clip 0.01) is deliberately NOT in that
-    proportion: Langevin would need noise sqrt(2 * 10) = 4.5. It samples exp(-E / T) at a temperature
-    T = noise^2 / (2 step) ~ 1e-6, close to noisy gradient descent on the energy, which gives sharper
-    images from short chains. `mask` (1 = free pixel) restricts the moves to some pixels (inpainting).
-    Returns (x, mean L2 norm of grad_x E over the steps, [x every `every` steps]).
-    """
-    grad_norm = torch.zeros((), device=x.device)
-    x = x.detach()
-    chain = [x] if every else []
-    with parametrize.cached():  # the spectral-normalised weights are computed once per chain, not once per step
-        for k in range(steps):
-            x.requires_grad_(True)
-            with torch.enable_grad():  # gradients with respect to x only: nothing accumulates in the parameters
-                grad = torch.autograd.grad(energy(x).sum(), x)[0]
+def sgld(energy, x, steps, step_size, noise, grad_clip=None, bounds=(0.0, 1.0), mask=None):
+    """K steps of x <- clamp(x - step_size clip(grad_x E(x)) + noise N(0, I), bounds): Langevin
+    dynamics sampling exp(-E) when step_size = eps / 2, noise = sqrt(eps), no clip and no bounds.
+    `mask` (1 = free) restricts the moves to some pixels (inpainting). Returns (x, the mean norm of
+    grad_x E over the steps)."""
+    grad_norm, x = torch.zeros((), device=x.device), x.detach()
+    with parametrize.cached():  # the normalised weights: computed once per chain, not every step
+        for _ in range(steps):
+            grad = energy_gradient(energy, x)
             grad_norm += grad.flatten(1).norm(dim=1).mean() / steps
             if grad_clip is not None:
-                grad = grad.clamp(-grad_clip, grad_clip)
-            move = -step_size * grad + noise * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                grad = torch.nan_to_num(grad).clamp(-grad_clip, grad_clip)
+            move = -step_size * grad + noise * torch.randn_like(x)
             x = x.detach() + (move if mask is None else move * mask)
-            if bounds is not None:
-                x = x.clamp(*bounds)
-            if every and (k + 1) % every == 0:
-                chain.append(x)
-    return x, grad_norm, chain
+            x = x if bounds is None else x.clamp(*bounds)
+    return x, grad_norm
+
+
+def energy_gradient(energy, x):
+    """grad_x E(x), for x only (no gradients for the weights). The energy is scaled by 1024 first
+    and the gradient back after: under float16 (T4, V100) most of its entries, of median size 1e-6
+    at initialisation, fall below float16's smallest normal number (5% error, 2% zeros if not)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        return torch.autograd.grad(energy(x).sum() * 1024, x)[0].float() / 1024
 
 
 class ReplayBuffer:
-    """IGEBM's replay buffer: persistent SGLD chains, a fraction restarted from uniform noise each batch."""
+    """IGEBM's replay buffer: persistent chains, a few restarted from uniform noise each batch."""
 
     def __init__(self, size, shape, device, restart_rate=0.05, low=0.0, high=1.0):
         self.restart_rate, self.low, self.high = restart_rate, low, high
-        self.samples = self.noise(size, shape, device)  # (size, *shape): starts as pure noise
+        self.samples = self.noise(size, shape, device)  # (size, *shape): pure noise at first
 
     def noise(self, n, shape, device):
         return self.low + (self.high - self.low) * torch.rand(n, *shape, device=device)
 
     def sample(self, n):
-        """n chain states (and their slots): each one is, with probability restart_rate, fresh noise."""
-        idx = torch.randint(len(self.samples), (n,), device=self.samples.device)
-        x = self.samples[idx]
+        """n chain states and their slots (distinct, so that pushing them back is deterministic on a
+        GPU too); each restarts from fresh noise with probability restart_rate."""
+        idx = torch.randperm(len(self.samples), device=self.samples.device)[:n]
+        x, fresh = self.samples[idx], self.noise(n, self.samples.shape[1:], self.samples.device)
         restart = torch.rand(n, device=x.device) < self.restart_rate
-        fresh = self.noise(n, x.shape[1:], x.device)
         return torch.where(restart.view(-1, *[1] * (x.dim() - 1)), fresh, x), idx
 
     def push(self, x, idx):
-        """Store the chains' new states back into the slots they came from."""
+        """Store the chains' new states in the slots they came from."""
         self.samples[idx] = x.detach()
 
 
@@ -341,480 +225,421 @@ class ReplayBuffer:
 # ----------------------------------------------------------------------------------------------
 
 def build(args, device):
-    """The energy network (channels_last on a GPU: faster convolutions), the optimiser and the gradient
-    scaler (active only for float16). No EMA: IGEBM samples with the current weights."""
-    net = EnergyNet(args.width, args.dropout)
-    net = net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.0, 0.999), fused=True)  # beta1 = 0 (IGEBM)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
-    return net, optimizer, scaler
+    """The energy network (channels_last on a GPU: faster convolutions), its EMA copy (IGEBM has
+    none: --ema 0 makes it a copy of the network), the optimiser and the gradient scaler."""
+    net = EnergyNet(args.width, args.dropout).to(device)
+    net = net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+    ema = copy.deepcopy(net).requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.0, 0.999), fused=True)
+    return net, ema, optimizer, grad_scaler(device, amp_dtype(args, device))
 
 
-def train_step(model, energy, net, optimizer, scaler, buffer, x, args, dtype):
-    """One contrastive-divergence update on a batch x (B, 3, 32, 32) in [0, 1]. Returns device tensors.
+@torch.no_grad()  # the average is not part of any graph (under autograd it would grow every step)
+def update_ema(ema, net, decay, step):
+    """ema <- d ema + (1 - d) net with d = min(decay, (1 + step) / (10 + step)); the spectral norms'
+    power-iteration vectors are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p, 1 - d)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b)
 
-    A bad step (non-finite, or |E| > --max-energy: the EBM's own sign of a blow-up) is skipped without
-    asking the host: the fused Adam kernel leaves weights, moments and step count alone where found_inf is 1.
-    """
-    x_pos = (x * 255 + torch.rand_like(x)) / 256  # uniform dequantization: a density over [0, 1], not 256 spikes
+
+def clip_like_igebm(optimizer):
+    """IGEBM's clip (its custom Adam): each gradient entry to +-(3 sqrt(v_hat) + 0.1), v_hat Adam's
+    bias-corrected second moment before this step: no entry beyond three of its running standard
+    deviations (0.1 at the first step). An optimiser without Adam's state is left alone."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state, beta2 = optimizer.state[p], group.get("betas", (0, 0.999))[1]
+            if p.grad is not None and "exp_avg_sq" in state:
+                bound = 3 * (state["exp_avg_sq"] / (1 - beta2 ** (state["step"] + 1))).sqrt() + 0.1
+                p.grad.copy_(torch.minimum(torch.maximum(p.grad, -bound), bound))
+            elif p.grad is not None and not state:
+                p.grad.clamp_(-0.1, 0.1)
+
+
+def train_step(model, net, optimizer, scaler, buffer, x, args, dtype):
+    """One contrastive-divergence update on a batch x (B, 3, 32, 32) in [0, 1]. Returns ({name:
+    device tensor} to log, a device bool: the sign of a divergence, energies that are not finite or
+    beyond --max-energy, whose update is skipped). On the device: the GPU never waits."""
+    x_pos = (x * 255 + torch.rand_like(x)) / 256  # dequantization: a density over [0, 1]
     x_neg, idx = buffer.sample(len(x_pos))
-    # no grad for the weights: SGLD needs grad_x E only (a compiled backward would compute both). The network
-    # stays in training mode, so dropout is on in the chains too: IGEBM's training graph builds its model with
-    # train=True and runs the chains through that same forward; its masks move pixels about as much as the
-    # 0.005 noise does (measured, README). bf16 is safe here: the chain's state x stays float32, and bf16 moves
-    # differ from float32 ones by 3e-5 per pixel on average, over 100 times less than the noise (README).
+    # The chains need grad_x E only (a compiled backward would compute the weights' gradients too).
+    # The network stays in training mode: dropout is on in the chains as in IGEBM's training graph.
     net.requires_grad_(False)
     with autocast(x.device, dtype):
-        x_neg, sgld_grad_norm, _ = sgld(lambda v: energy(v).float(), x_neg, args.sgld_steps, args.sgld_step_size,
-                                        args.sgld_noise, args.sgld_grad_clip)
+        x_neg, sgld_grad_norm = sgld(lambda v: net(v).float(), x_neg, args.sgld_steps,
+                                     args.sgld_step_size, args.sgld_noise, args.sgld_grad_clip)
     net.requires_grad_(True)
     buffer.push(x_neg, idx)
     with autocast(x.device, dtype):
-        energies = model(torch.cat([x_pos, x_neg])).float()  # one forward for both: one DDP all-reduce
+        energies = model(torch.cat([x_pos, x_neg])).float()  # one forward: one DDP all-reduce
+    bad = ~torch.isfinite(energies).all() | (energies.abs().max() > args.max_energy)
+    if dist.is_initialized():  # every rank must skip, and roll back, at the same steps
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # (a collective on the device: no host sync)
     e_pos, e_neg = energies.chunk(2)
     loss = contrastive_divergence_loss(e_pos, e_neg, args.alpha)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)  # float16 only: the gradients back to their true size before clipping
-    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
-    bad = ~torch.isfinite(grad_norm) | ~torch.isfinite(energies).all() | (energies.abs().max() > args.max_energy)
-    if dist.is_initialized():  # every rank must skip the same steps, or their weights would part ways
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # (a device-side collective: no host sync)
-    optimizer.found_inf = bad.float()
-    optimizer.step()
+    scaler.scale(loss * torch.where(bad, math.nan, 1.0)).backward()  # bad: NaN, the step skipped
+    scaler.unscale_(optimizer)  # the gradients' true size (under float16) before clipping
+    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf)
+    clip_like_igebm(optimizer)
+    scaler.step(optimizer)
     scaler.update()
-    return torch.stack([loss.detach(), e_pos.mean().detach(), e_neg.mean().detach(), sgld_grad_norm]), bad
+    e_pos, e_neg = e_pos.mean().detach(), e_neg.mean().detach()
+    return {"loss": loss.detach(), "energy_pos": e_pos, "energy_neg": e_neg, "gap": e_neg - e_pos,
+            "grad_norm": grad_norm, "sgld_grad_norm": sgld_grad_norm}, bad
 
 
 @torch.no_grad()
-def test_metrics(net, test_images, args, device, dtype):
-    """Mean energy of test images (at the centres of their dequantization bins): compare it with E(x+)."""
-    net.eval()  # no dropout, no power iteration: measuring must not change the spectral norms (rank 0 alone measures)
-    x = (test_images.float() + 0.5) / 256
+def test_metrics(net, images, args, device, dtype):
+    """The mean energy of the test images at the centres of their dequantization bins (E(x+) is on
+    the training images); dropout off and no power iteration: measuring changes nothing."""
     with autocast(device, dtype):
-        energy = torch.cat([net(b.to(device)).float() for b in x.split(args.batch_size)]).mean().item()
+        energy = torch.cat([net.eval()((b.to(device).float() + 0.5) / 256).float()
+                            for b in images.split(args.batch_size)])
     net.train()
-    return {"test_energy": energy}
+    return {"test_energy": energy.mean().item()}
 
 
 @torch.no_grad()
-def write_previews(net, run_dir, epoch, args, device, dtype, buffer):
-    """Per epoch: fresh chains from fixed noise (samples/epoch_NNNN.png), the buffer, one figure of chains."""
+def write_previews(net, buffer, run_dir, epoch, args, device, dtype):
+    """samples/epoch_NNNN.png: the replay buffer (IGEBM's samples, where the chains stand) and SGLD
+    chains of K steps from the same uniform noise every epoch, at steps 0, K/4, K/2, 3K/4 and K."""
     net.eval()
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    x0 = torch.rand(64, 3, 32, 32, generator=g, device=device)
-    every = max(1, args.sgld_steps // 10)
-    with autocast(device, dtype):
-        x, _, chain = sgld(lambda v: net(v).float(), x0, args.sgld_steps, args.sgld_step_size, args.sgld_noise,
-                           args.sgld_grad_clip, generator=g, every=every)
-    common.save_grid(x, run_dir / "samples" / f"epoch_{epoch:04d}.png")
-    common.save_grid(buffer.samples[:64], run_dir / "samples" / f"buffer_{epoch:04d}.png")
-    rows = [(f"chain {i + 1}", torch.stack([state[i] for state in chain])) for i in range(4)]
-    common.save_rows(rows, run_dir / "samples" / f"chain_{epoch:04d}.png",
-                     title=f"SGLD from U(0,1) noise, epoch {epoch}: steps 0, {every}, ..., {args.sgld_steps}")
+    rows = [("replay buffer", buffer.samples[:8])]
+    for steps in [round(k * args.sgld_steps / 4) for k in range(5)]:
+        torch.manual_seed(0)  # the same start and noise for every row: one chain, seen at 5 points
+        with autocast(device, dtype):
+            x = sgld(lambda v: net(v).float(), torch.rand(8, 3, 32, 32, device=device), steps,
+                     args.sgld_step_size, args.sgld_noise, args.sgld_grad_clip)[0]
+        rows.append((f"{steps} steps from noise", x))
     net.train()
+    common.save_rows(rows, run_dir / "samples" / f"epoch_{epoch:04d}.png",
+                     title=f"epoch {epoch}: SGLD (each step one network evaluation)")
 
 
-def whole_buffer(buffer, world):
-    """Every rank's share of the replay buffer, concatenated: what the checkpoint holds. Called on all ranks."""
-    if world == 1:
-        return buffer.samples
-    parts = [torch.empty_like(buffer.samples) for _ in range(world)]
-    dist.all_gather(parts, buffer.samples)
-    return torch.cat(parts)
+def share_buffer(buffer, world, rank, saved=None):
+    """The replay buffer of the checkpoint: every rank's share (called on all ranks); or with
+    `saved`, this rank's share of a saved one, for any number of processes: equal shares, the saved
+    chains repeated if too few (an unequal split would break the collective that gathers them)."""
+    if saved is not None:
+        n = len(buffer.samples)
+        mine = torch.arange(rank * n, (rank + 1) * n) % len(saved)
+        buffer.samples = saved[mine].to(buffer.samples.device)
+    elif world > 1:
+        parts = [torch.empty_like(buffer.samples) for _ in range(world)]
+        dist.all_gather(parts, buffer.samples)
+        return torch.cat(parts)
+    return buffer.samples
 
 
 def train(args):
-    # device and DDP
-    device, rank, world = setup_device(args)
+    device, rank, world = setup_device(args)  # device and DDP
     dtype = amp_dtype(args, device)
-    if args.batch_size % world or args.buffer_size < world:
-        raise UserError(f"--batch-size {args.batch_size} must be divisible by, and --buffer-size at least, the "
-                        f"{world} processes")
-    # seed: the same initial weights on every rank (DDP checks it); each epoch reseeds the noise below
-    torch.manual_seed(args.seed)
-    # data
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP checks it)
     train_images = common.load_images(args.data, args.data_root, "train")[:args.limit_train]
     test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
-    loader = common.DeviceLoader(train_images, args.batch_size // world, device, args.seed, rank, world)
-    # model, replay buffer, optimiser
-    net, optimizer, scaler = build(args, device)
-    energy = torch.compile(net) if args.compile else net  # the sampler's view of the network: no DDP hooks
-    model = DistributedDataParallel(energy) if world > 1 else energy
-    torch.manual_seed(args.seed * 10**9 + rank * 10**6)  # every rank starts its own chains
+    # no flips: IGEBM's unconditional run does not augment its data
+    loader = common.DeviceLoader(train_images, args.batch_size // world, device, args.seed, rank,
+                                 world, flip=False)
+    net, ema, optimizer, scaler = build(args, device)
+    model = torch.compile(net) if args.compile else net
+    model = DistributedDataParallel(model) if world > 1 else model
+    torch.manual_seed(args.seed * 10**9 + rank * 10**6)  # each rank starts its own chains
     buffer = ReplayBuffer(args.buffer_size // world, (3, 32, 32), device, args.restart_rate)
-    # resume
-    start_epoch, step, rollbacks = (0, 0, 0) if not args.resume else \
-        resume(args, net, optimizer, scaler, buffer, rank, world)
-    last_good = snapshot(net, optimizer, buffer)
-    # run folder and logging (rank 0)
+    start, step, state = resume(args, net, ema, optimizer, scaler) if args.resume else \
+        (0, 0, {"rollbacks": 0})
+    if args.resume:
+        share_buffer(buffer, world, rank, saved=state["buffer"])
+    last_good = copy.deepcopy([net.state_dict(), optimizer.state_dict(), buffer.samples])
     run_dir, log = open_run(args, step) if rank == 0 else (None, None)
     if rank == 0:
-        print(f"run folder {run_dir}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(train_images)} training images, {len(loader)} steps per epoch on {device} x {world}, "
-              f"precision {dtype or torch.float32}")
-    # the loop
-    bad_streak = worst_streak = torch.zeros((), device=device)  # bad steps in a row, counted on the device
-    for epoch in range(start_epoch + 1, args.epochs + 1):
-        torch.manual_seed(args.seed * 10**9 + rank * 10**6 + epoch)  # each rank's and epoch's own noise: exact resume
-        tick, totals = time.perf_counter(), torch.zeros(4, device=device)
-        for i, x in enumerate(tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch}/{args.epochs}",
-                                   disable=rank != 0, leave=False)):  # x: (B, 3, 32, 32) in [0, 1], flipped
-            stats, bad = train_step(model, energy, net, optimizer, scaler, buffer, x, args, dtype)
+        print(f"{run_dir}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(train_images)} images, {len(loader)} steps an epoch on {device} x {world}, "
+              f"{dtype or torch.float32}")
+    streak = worst = torch.zeros((), device=device)  # divergence signs in a row, on the device
+    for epoch in range(start + 1, args.epochs + 1):
+        torch.manual_seed(args.seed * 10**9 + rank * 10**6 + epoch)  # each rank's and epoch's noise
+        tick = time.perf_counter()
+        for i, x in enumerate(tqdm(loader.epoch(epoch), f"epoch {epoch}", len(loader), leave=False,
+                                   disable=rank != 0)):  # x: (B, 3, 32, 32) in [0, 1]
+            logs, bad = train_step(model, net, optimizer, scaler, buffer, x, args, dtype)
+            update_ema(ema, net, args.ema, step)
             step += 1
-            totals += stats
-            bad_streak = (bad_streak + 1) * bad
-            worst_streak = torch.maximum(worst_streak, bad_streak)
+            streak = (streak + 1) * bad
+            worst = torch.maximum(worst, streak)
             if step % args.log_every == 0 or i == len(loader) - 1:  # the only host syncs
-                if worst_streak.item() >= args.max_bad_steps:  # the EBM's own remedy (JEM's, VAEBM's): roll back
-                    rollbacks = roll_back(last_good, net, optimizer, buffer, args, step, rollbacks, run_dir, log)
-                    bad_streak = worst_streak = torch.zeros((), device=device)
+                if worst.item() >= args.max_bad_steps:  # the EBM's own remedy (JEM's, VAEBM's)
+                    state["rollbacks"] = roll_back(last_good, net, optimizer, buffer, args, step,
+                                                   state["rollbacks"], run_dir, log)
+                    streak = worst = torch.zeros((), device=device)
                 elif rank == 0:
-                    loss, e_pos, e_neg, sgld_grad_norm = stats.tolist()
-                    log(step, epoch=epoch, loss=loss, energy_pos=e_pos, energy_neg=e_neg, gap=e_neg - e_pos,
-                        sgld_grad_norm=sgld_grad_norm, lr=optimizer.param_groups[0]["lr"],
+                    log(step, epoch=epoch, **{k: v.item() for k, v in logs.items()},
+                        lr=optimizer.param_groups[0]["lr"],
                         img_per_s=(i + 1) * args.batch_size / (time.perf_counter() - tick))
-        # end of epoch: evaluate, preview, checkpoint
-        samples = whole_buffer(buffer, world)
-        last_good = snapshot(net, optimizer, buffer)
-        if rank == 0:
+        state["buffer"] = share_buffer(buffer, world, rank)
+        last_good = copy.deepcopy([net.state_dict(), optimizer.state_dict(), buffer.samples])
+        if rank == 0:  # end of epoch: evaluate, preview, checkpoint
             seconds = time.perf_counter() - tick
-            means = dict(zip(("loss", "energy_pos", "energy_neg", "sgld_grad_norm"), (totals / len(loader)).tolist()))
-            means["gap"] = means["energy_neg"] - means["energy_pos"]  # E(x-) - E(x+): positive once data is likelier
-            test = test_metrics(net, test_images, args, device, dtype)
-            write_previews(net, run_dir, epoch, args, device, dtype, buffer)
-            log(step, epoch=epoch, epoch_seconds=seconds, lr=optimizer.param_groups[0]["lr"], **means, **test)
-            save_checkpoint(run_dir, args=vars(args), net=net.state_dict(), buffer=samples, epoch=epoch, step=step,
-                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rollbacks=rollbacks)
-            print(f"epoch {epoch}/{args.epochs}: loss {means['loss']:.4f}  E+ {means['energy_pos']:.4f}  E- "
-                  f"{means['energy_neg']:.4f}  gap {means['gap']:.4f}  test E {test['test_energy']:.4f}  "
-                  f"SGLD |grad| {means['sgld_grad_norm']:.4f}  ({seconds:.0f} s)")
-        if world > 1:
+            test = test_metrics(ema, test_images, args, device, dtype)
+            write_previews(ema, buffer, run_dir, epoch, args, device, dtype)
+            log(step, epoch=epoch, epoch_seconds=seconds, **test)
+            save_checkpoint(run_dir, args=vars(args), net=net.state_dict(),
+                            ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                            scaler=scaler.state_dict(), precision=str(dtype), epoch=epoch,
+                            step=step, state=state)
+            print(f"epoch {epoch}/{args.epochs}: gap E(x-) - E(x+) {logs['gap'].item():.4f}, "
+                  f"test E {test['test_energy']:.4f} ({seconds:.0f} s)")
+        if world > 1:  # (if rank 0 failed above, torchrun stops the other processes)
             dist.barrier()
     if rank == 0:
-        summary = {"epochs": args.epochs, "steps": step, "parameters": sum(p.numel() for p in net.parameters()),
-                   "rollbacks": rollbacks, "lr": optimizer.param_groups[0]["lr"], **test,
-                   **{f"last_epoch_{k}": v for k, v in means.items()}}
-        log.finish(summary)
+        log.finish({"epochs": args.epochs, "steps": step, **test, "rollbacks": state["rollbacks"],
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "parameters": sum(p.numel() for p in net.parameters())})
     return run_dir
 
 
-def snapshot(net, optimizer, buffer):
-    """What a rollback returns to: a copy of the weights, the optimiser and this rank's replay buffer."""
-    return copy.deepcopy({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "buffer": buffer.samples})
-
-
 def roll_back(last_good, net, optimizer, buffer, args, step, rollbacks, run_dir, log):
-    """Back to the weights, optimiser and replay buffer of the last checkpoint, with a lower learning rate."""
+    """Back to the weights, optimiser and replay buffer of the last checkpoint, at a lower lr."""
     if rollbacks >= args.max_rollbacks:
-        raise UserError(f"the energy diverged (non-finite, or |E| > {args.max_energy:g}) at step {step} after "
-                        f"{rollbacks} rollback(s); the last good checkpoint is in {args.resume or run_dir}: "
-                        "try --resume with a lower --lr or a larger --alpha")
+        raise UserError(f"the energy diverged (not finite, or |E| > {args.max_energy:g}) at step "
+                        f"{step} after {rollbacks} rollback(s); the last good checkpoint is in "
+                        f"{args.resume or run_dir}: resume it with a lower --lr or larger --alpha")
+    weights, optimizer_state, buffer.samples = copy.deepcopy(last_good)
+    net.load_state_dict(weights)
+    optimizer.load_state_dict(optimizer_state)
     lr = optimizer.param_groups[0]["lr"] * args.lr_drop
-    good = copy.deepcopy(last_good)  # the live copies below must not share memory with the snapshot
-    net.load_state_dict(good["net"])
-    optimizer.load_state_dict(good["optimizer"])
-    buffer.samples = good["buffer"]
     for group in optimizer.param_groups:
         group["lr"] = lr
     if log:
-        print(f"divergence at step {step}: rolled back to the last checkpoint, lr lowered to {lr:.3g} (rollback "
-              f"{rollbacks + 1} of at most {args.max_rollbacks})", file=sys.stderr)
+        print(f"divergence at step {step}: rolled back to the last checkpoint, lr lowered to "
+              f"{lr:.3g} (rollback {rollbacks + 1} of {args.max_rollbacks} at most)",
+              file=sys.stderr)
         log(step, rollback=rollbacks + 1, lr=lr)
     return rollbacks + 1
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling, evaluation with OOD detection, inpainting, the 2-D toy, the benchmark
+# Commands: sample, evaluate, inpaint
 # ----------------------------------------------------------------------------------------------
 
 def load_trained(run, args, device):
-    """The run's energy network and its saved replay buffer (the chains sampling starts from)."""
-    net, _, _ = build(args, device)
+    """The run's EMA network (dropout off), ready to sample, and its state (the replay buffer)."""
+    net, _, _, _ = build(args, device)
     ckpt = load_checkpoint(run)
-    load_weights(net, ckpt["net"], run)
-    return net.eval().requires_grad_(False), ckpt["buffer"]
+    load_weights(net, ckpt["ema"], run)
+    return net.eval().requires_grad_(False), ckpt["state"]
 
 
-def draw_samples(net, buffer, n, args, device, dtype):
-    """n samples: SGLD chains of --steps steps from the saved buffer (IGEBM's samples) or from noise."""
-    g = torch.Generator().manual_seed(args.seed)
-    start = buffer[torch.randperm(len(buffer), generator=g).repeat(math.ceil(n / len(buffer)))[:n]] \
-        if args.chains == "buffer" else torch.rand(n, 3, 32, 32, generator=g)  # (no repeats while the buffer lasts)
-    torch.manual_seed(args.seed)
+def draw_samples(net, state, n, args, device, dtype):
+    """n samples: SGLD chains of --steps steps from the saved replay buffer (where IGEBM's samples
+    come from) or, with --chains noise, from uniform noise."""
+    saved = state["buffer"]
+    start = saved[torch.randperm(len(saved)).repeat(math.ceil(n / len(saved)))[:n]] \
+        if args.chains == "buffer" else torch.rand(n, 3, 32, 32)
     out = []
     for x in start.split(args.batch_size):
         with autocast(device, dtype):
-            x, _, _ = sgld(lambda v: net(v).float(), x.to(device), args.steps, args.sgld_step_size, args.sgld_noise,
-                           args.sgld_grad_clip)
-        out.append(x.cpu())
+            out.append(sgld(lambda v: net(v).float(), x.to(device), args.steps, args.sgld_step_size,
+                            args.sgld_noise, args.sgld_grad_clip)[0].cpu())
     return torch.cat(out)
 
 
 def sample(args):
     """RUN/samples.png and samples.npz (uint8, NHWC)."""
     device, _, _ = setup_device(args)
-    net, buffer = load_trained(args.sample, args, device)
-    samples = draw_samples(net, buffer, args.n, args, device, amp_dtype(args, device))
-    common.save_grid(samples, Path(args.sample) / "samples.png")
-    np.savez_compressed(Path(args.sample) / "samples.npz", samples=common.to_uint8(samples).permute(0, 2, 3, 1).numpy())
-    print(f"wrote {len(samples)} samples ({args.chains} chains, {args.steps} SGLD steps) to "
-          f"{args.sample}/samples.png and samples.npz")
-    return samples
-
-
-@torch.no_grad()
-def energies_of(net, x, args, device, dtype):
-    with autocast(device, dtype):
-        return torch.cat([net(b.to(device)).float().cpu() for b in x.split(args.batch_size)])
-
-
-def test_subset(args, n=None):
-    """The first n test images at the centres of their dequantization bins, (n, 3, 32, 32) in [0, 1]. A fair
-    sample: common.py stores every split in a fixed shuffled order."""
-    return (common.load_images(args.data, args.data_root, "test")[:n].float() + 0.5) / 256
-
-
-def auroc(scores_in, scores_out):
-    """P(score_in > score_out) + P(tie) / 2 over all pairs: the area under the ROC curve (Mann-Whitney U)."""
-    ordered = scores_out.double().sort().values
-    below = torch.searchsorted(ordered, scores_in.double(), right=False).double()
-    ties = torch.searchsorted(ordered, scores_in.double(), right=True).double() - below
-    return float((below + ties / 2).sum() / (len(scores_in) * len(scores_out)))
-
-
-def load_svhn(data_root, n):
-    from torchvision.datasets import SVHN
-
-    root = Path(data_root) / "svhn"
-    try:
-        data = SVHN(str(root), split="test", download=True).data  # (N, 3, 32, 32) uint8
-    except Exception as e:  # no network, a refused connection, a corrupt file...
-        raise UserError(f"--ood svhn: SVHN is not in {root}/ and could not be downloaded ({type(e).__name__}): "
-                        f"put test_32x32.mat in {root}/, or leave out --ood") from None
-    return (torch.from_numpy(data[:n]).float() + 0.5) / 256  # the bin centres, as for the test images
-
-
-def ood_sets(test, generator):
-    """Out-of-distribution inputs, each (N, 3, 32, 32). IGEBM's own evaluation (its code's mixenergy task) scores
-    test images against SVHN (--ood svhn), CIFAR-100, textures, the average of two test images and N(0.5, 0.5^2)
-    noise; the last two run offline, and so do uniform noise, constant colours, noisy and pixel-shuffled images."""
-    n = len(test)
-    return {"uniform noise": torch.rand(n, 3, 32, 32, generator=generator),
-            "constant colour": torch.rand(n, 3, 1, 1, generator=generator).expand(n, 3, 32, 32),
-            "average of two test images (IGEBM)": (test + test.roll(1, 0)) / 2,
-            "gaussian noise 0.5 + 0.5 N(0, 1) (IGEBM)": 0.5 + 0.5 * torch.randn(test.shape, generator=generator),
-            "heavy noise (sigma 0.3)": (test + 0.3 * torch.randn(test.shape, generator=generator)).clamp(0, 1),
-            "shuffled pixels": torch.stack([x.flatten(1)[:, torch.randperm(1024, generator=generator)].view(3, 32, 32)
-                                            for x in test])}
+    net, state = load_trained(args.sample, args, device)
+    torch.manual_seed(args.seed)
+    x = draw_samples(net, state, args.n, args, device, amp_dtype(args, device))
+    run = Path(args.sample)
+    start = "the replay buffer" if args.chains == "buffer" else "uniform noise"
+    what = f"SGLD from {start}, {args.steps} steps (network evaluations)"
+    common.save_grid(x, run / "samples.png", caption=f"{args.n} samples: {what}")
+    np.savez_compressed(run / "samples.npz", samples=common.to_uint8(x).permute(0, 2, 3, 1).numpy())
+    print(f"wrote {len(x)} samples ({what}) to {run}/samples.png and samples.npz")
 
 
 def evaluate(args):
-    """FID / IS / KID of --n samples, energies of test images, samples and OOD sets, and AUROCs: RUN/eval.json."""
+    """FID / IS / KID of --n samples, and the mean energies of test images and of the samples, into
+    RUN/eval.json (out-of-distribution detection: experiments/ebm_ood.py)."""
     device, _, _ = setup_device(args)
-    dtype = amp_dtype(args, device)
-    net, buffer = load_trained(args.eval, args, device)
-    run_dir = Path(args.eval)
-    test = test_subset(args, args.limit_test)
-    svhn = load_svhn(args.data_root, len(test)) if args.ood == "svhn" else None  # fail before the slow part
+    dtype, (net, state) = amp_dtype(args, device), load_trained(args.eval, args, device)
+    torch.manual_seed(args.seed)
     start = time.perf_counter()
-    samples = draw_samples(net, buffer, args.n, args, device, dtype)
-    sampling_seconds_per_1000 = 1000 * (time.perf_counter() - start) / args.n
-    scores = common.generative_metrics(samples, args.data, args.data_root, args.fid_extractor, args.fid_weights,
-                                       device)
-    sets = {"test images": test, "samples": samples, **ood_sets(test, torch.Generator().manual_seed(args.seed))}
-    if svhn is not None:
-        sets["svhn"] = svhn
-    energy = {name: energies_of(net, x, args, device, dtype) for name, x in sets.items()}
-    aurocs = {name: auroc(-energy["test images"], -e) for name, e in energy.items()
-              if name not in ("test images", "samples")}  # score = -E(x): high means in-distribution
-    result = {**scores, "steps": args.steps, "chains": args.chains, "n_test": len(test),
-              "sampling_seconds_per_1000": sampling_seconds_per_1000, "nfe_per_sample": args.steps,
-              "energy": {k: {"mean": e.mean().item(), "std": e.std().item()} for k, e in energy.items()},
-              "ood_auroc": aurocs}
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, e in energy.items():
-        ax.hist(e.numpy(), bins=40, alpha=0.5, density=True, label=name)
-    ax.set_xlabel("energy E(x) (lower = more likely)"), ax.set_ylabel("density"), ax.legend(fontsize=7)
-    fig.tight_layout(), fig.savefig(run_dir / "eval_energies.png", dpi=100), plt.close(fig)
-
-    print(f"{scores['n_samples']} samples ({args.chains} chains, {args.steps} SGLD steps), extractor "
-          f"{scores['extractor']}: FID {scores['fid']:.2f}  IS {scores['is_mean']:.2f}  KID {scores['kid_mean']:.4f}")
-    for name, e in energy.items():
-        extra = f"  AUROC of -E vs test images {aurocs[name]:.3f}" if name in aurocs else ""
-        print(f"  E({name}): {e.mean():.4f} +- {e.std():.4f}{extra}")
-    print(f"wrote {run_dir / 'eval.json'} and {run_dir / 'eval_energies.png'}")
-    return result
+    samples = draw_samples(net, state, args.n, args, device, dtype)
+    seconds = time.perf_counter() - start
+    result = common.generative_metrics(samples, args.data, args.data_root, args.fid_extractor,
+                                       args.fid_weights, device)
+    test = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
+    with torch.no_grad(), autocast(device, dtype):
+        for name, x in (("test", (test.float() + 0.5) / 256), ("samples", samples)):
+            energies = [net(b.to(device)).float() for b in x.split(args.batch_size)]
+            result[f"energy_{name}"] = torch.cat(energies).mean().item()
+    result.update(steps=args.steps, chains=args.chains, nfe_per_sample=args.steps,
+                  sampling_seconds_per_1000=1000 * seconds / args.n)
+    (Path(args.eval) / "eval.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
 
 
 def inpaint(args, completions=3):
     """RUN/inpaint.png: the centre 16x16 of test images filled by SGLD on those pixels only."""
     device, _, _ = setup_device(args)
     net, _ = load_trained(args.inpaint, args, device)
-    run_dir = Path(args.inpaint)
-    test = test_subset(args, min(args.n, 10)).to(device)
-    mask = torch.zeros(1, 1, 32, 32, device=device)
-    mask[..., 8:24, 8:24] = 1  # 1 = unknown pixel
     torch.manual_seed(args.seed)
+    test = common.load_images(args.data, args.data_root, "test")[:8].to(device)
+    test = (test.float() + 0.5) / 256  # the centres of the dequantization bins
+    mask = torch.zeros(1, 1, 32, 32, device=device)
+    mask[..., 8:24, 8:24] = 1  # 1: free pixel
     rows = [("masked", test * (1 - mask) + 0.5 * mask)]
     for c in range(completions):
-        start = torch.where(mask.bool(), torch.rand_like(test), test)
         with autocast(device, amp_dtype(args, device)):
-            x, _, _ = sgld(lambda v: net(v).float(), start, args.steps, args.sgld_step_size, args.sgld_noise,
-                           args.sgld_grad_clip, mask=mask)
+            start = torch.where(mask.bool(), torch.rand_like(test), test)
+            x = sgld(lambda v: net(v).float(), start, args.steps, args.sgld_step_size,
+                     args.sgld_noise, args.sgld_grad_clip, mask=mask)[0]
         rows.append((f"completion {c + 1}", x))
-    rows.append(("original", test))
-    common.save_rows(rows, run_dir / "inpaint.png", title=f"inpainting by {args.steps} SGLD steps on the masked pixels")
-    print(f"wrote {run_dir / 'inpaint.png'}")
+    common.save_rows(rows + [("original", test)], Path(args.inpaint) / "inpaint.png",
+                     title=f"inpainting: SGLD on the masked pixels, {args.steps} steps")
+    print(f"wrote {args.inpaint}/inpaint.png")
+
+
+RECIPE = dict(epochs=200, lr=3e-4, ema=0.0, grad_clip=0.0)  # IGEBM: no EMA, IGEBM's clip (above)
+COMMANDS = ("resume", "sample", "eval", "inpaint")  # the flags that name a run
+
+
+def probability(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def add_model_args(p):
+    add = p.add_argument
+    add("--inpaint", metavar="RUN", help="fill the centre of test images by SGLD: RUN/inpaint.png")
+    add("--steps", type=positive_int, help="SGLD steps of --sample, --eval, --inpaint (default: K)")
+    add("--chains", default="buffer", choices=("buffer", "noise"),
+        help="--sample / --eval chains start from the saved replay buffer (IGEBM) or from U(0, 1)")
+    add("--width", type=positive_int, default=128, help="channels of the first stage (IGEBM: 128)")
+    add("--dropout", type=probability, default=0.5, help="dropout in every block (IGEBM: 0.5)")
+    add("--alpha", type=non_negative_float, default=1.0, help="weight of E(x+)^2 + E(x-)^2")
+    add("--sgld-steps", type=positive_int, default=60, help="SGLD steps K per update (IGEBM: 60)")
+    add("--sgld-step-size", type=positive_float, default=10.0, help="SGLD step lambda (IGEBM: 10)")
+    add("--sgld-noise", type=non_negative_float, default=0.005, help="SGLD noise std (IGEBM)")
+    add("--sgld-grad-clip", type=positive_float, default=0.01, help="clip grad_x E to +-this")
+    add("--buffer-size", type=positive_int, default=10000, help="replay buffer, all processes")
+    add("--restart-rate", type=probability, default=0.05, help="chains restarted from U(0, 1)")
+    add("--max-energy", type=positive_float, default=1000.0, help="|E| beyond this: a divergence")
+    add("--max-rollbacks", type=int, default=3, help="rollbacks to the last checkpoint, at most")
+    add("--lr-drop", type=probability, default=0.5, help="multiply the lr by this at a rollback")
+
+
+def check_model_args(args, error):
+    args.steps = args.steps or args.sgld_steps
+    if args.max_rollbacks < 0 or args.dropout == 1 or args.buffer_size < args.batch_size:
+        error(f"--max-rollbacks must be >= 0 (got {args.max_rollbacks}), --dropout below 1 (got "
+              f"{args.dropout}) and --buffer-size at least --batch-size (got {args.buffer_size})")
 
 
 # ----------------------------------------------------------------------------------------------
-# The 2-D toy and the benchmark
+# The run: arguments, device and precision, run folder and log, checkpoint and resume. The same
+# text in vae.py, ebm.py and ncsn.py: `diff` two of them and this part shows nothing.
 # ----------------------------------------------------------------------------------------------
-# The toy uses the same loss, sampler and replay buffer, but at temperature 1: step eps/2 and noise
-# sqrt(eps) in Langevin proportion, no clipping, so that exp(-E) itself is the learned density. A
-# small alpha lets energies span the ~15 nats between a mode and the gap next to it.
-TOY = {"hidden": 128, "iterations": 3000, "batch": 128, "steps": 10, "eps": 0.005, "alpha": 0.001, "lr": 5e-3,
-       "box": 4.0}
 
+def parse_args(argv=None):
+    """The flags every model file shares, then the model's own. A command that names a RUN takes
+    every flag not given from RUN/config.json (`--resume RUN --epochs 300` keeps its width, ...)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage=argparse.SUPPRESS)
+    add = p.add_argument  # (no usage block: a bad flag gets one line and exit status 2)
+    add("--epochs", type=positive_int, help="passes over the training set")
+    add("--batch-size", type=positive_int, default=128, help="images per step and per batch")
+    add("--lr", type=positive_float, help="learning rate")
+    add("--seed", type=int, default=1, help="random seed of weights, noise and samples")
+    add("--device", choices=["auto", "cuda", "cpu", "mps"], default="auto", help="where to run")
+    add("--data", default="cifar10", help="'cifar10' or any folder of images")
+    add("--data-root", default="data", help="where CIFAR-10 and decoded-image caches live")
+    add("--run-dir", default="runs", help="parent folder of run folders")
+    add("--name", type=run_name, default="default", help="run name, part of the run folder's name")
+    add("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision (CUDA)")
+    add("--compile", action="store_true", help="torch.compile the network")
+    add("--track", action="store_true", help="also log to Weights & Biases (needs wandb)")
+    add("--limit-train", type=positive_int, help="use only the first N training images")
+    add("--limit-test", type=positive_int, help="use only the first N test images")
+    add("--log-every", type=positive_int, default=50, help="steps between host-synced logs")
+    add("--ema", type=float, help="decay of the weights' moving average that samples (0: none)")
+    add("--grad-clip", type=non_negative_float, help="clip the gradient's norm to this (0: off)")
+    add("--max-bad-steps", type=positive_int, default=50,
+        help="divergence signs in a row that stop training (EBM: roll it back)")
+    add("--resume", metavar="RUN", help="continue the run in this folder (--epochs N extends it)")
+    add("--sample", metavar="RUN", help="write --n samples to RUN/samples.png and samples.npz")
+    add("--eval", metavar="RUN", help="FID / IS / KID of --n samples and the model's own metrics")
+    add("--n", type=positive_int, default=64, help="samples for --sample and --eval")
+    add("--fid-extractor", default="inception-v3-compat", help="torch-fidelity feature extractor")
+    add("--fid-weights", metavar="FILE", help="Inception weights file, for a machine offline")
+    add_model_args(p)
+    p.set_defaults(**RECIPE)
+    args = p.parse_args(argv)
+    if run := next((getattr(args, c) for c in COMMANDS if getattr(args, c)), None):
+        try:
+            config = json.loads((Path(run) / "config.json").read_text())["args"]
+        except FileNotFoundError:
+            raise UserError(f"{run} is not a run folder (no config.json)") from None
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{run}/config.json is damaged (not this project's JSON)") from None
+        p.set_defaults(**{k: v for k, v in config.items() if k not in COMMANDS})
+        args = p.parse_args(argv)
+    check_model_args(args, p.error)
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema must be in [0, 1), got {args.ema}")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        p.error("--track needs wandb: pip install wandb")
+    return args
 
-def train_toy(name, iterations=None, seed=1, steps=None, chains=None, restart_rate=0.05):
-    """The toy energy and its replay buffer. steps and chains (SGLD steps, negatives per update) default to TOY's;
-    restart_rate 1 makes every chain start from noise: short-run chains (Nijkamp et al. 2019), not persistent ones."""
-    torch.manual_seed(seed)
-    g, box = torch.Generator().manual_seed(seed), TOY["box"]
-    net = toy_energy_net(TOY["hidden"])
-    optimizer = torch.optim.Adam(net.parameters(), lr=TOY["lr"], betas=(0.0, 0.999))
-    buffer = ReplayBuffer(10000, (2,), "cpu", restart_rate, low=-box, high=box)
-    for _ in range(iterations or TOY["iterations"]):
-        x_neg, idx = buffer.sample(chains or TOY["batch"])
-        x_neg, _, _ = sgld(net, x_neg, steps or TOY["steps"], TOY["eps"] / 2, math.sqrt(TOY["eps"]), bounds=(-box, box))
-        buffer.push(x_neg, idx)
-        energies = net(torch.cat([common.toy_data(name, TOY["batch"], g), x_neg]))
-        loss = contrastive_divergence_loss(energies[:TOY["batch"]], energies[TOY["batch"]:], TOY["alpha"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return net, buffer
-
-
-def toy(args):
-    """A 2-D energy trained with the same loss, sampler and buffer: RUN/toy.png and toy.json."""
-    run_dir = new_run_dir(args, "toy")
-    start = time.perf_counter()
-    net, buffer = train_toy(args.toy, seed=args.seed)
-    wall = time.perf_counter() - start
-    box, n = TOY["box"], 200
-    axis = torch.linspace(-box, box, n)
-    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
-    with torch.no_grad():
-        energy = net(grid).view(n, n)
-        data = common.toy_data(args.toy, 2000, torch.Generator().manual_seed(0))
-        e_on_data = net(data)
-        e_data, e_noise = e_on_data.mean().item(), net(buffer.noise(2000, (2,), "cpu")).mean().item()
-    density = torch.exp(-(energy - energy.min()))
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
-    axes[0].scatter(*data.T, s=2), axes[0].set_title(f"data: {args.toy}")
-    axes[1].imshow(density.numpy(), extent=(-box, box, -box, box), origin="lower")
-    axes[1].set_title("learned density exp(-E) (grid max = 1)")
-    # CD learns where the modes are but barely their masses: persistent chains seldom cross between modes,
-    # so exp(-E) can favour one mode by many nats while the samples still cover them all (Nijkamp et al. 2019)
-    log_density = (-energy).clamp(min=-e_on_data.max().item())
-    axes[2].imshow(log_density.numpy(), extent=(-box, box, -box, box), origin="lower")
-    axes[2].set_title("log density -E (down to the data's highest E)")
-    axes[3].scatter(*buffer.samples[:2000].T, s=2, color="tab:orange")
-    axes[3].set_title(f"SGLD samples (replay buffer, K={TOY['steps']})")
-    for ax in axes:
-        ax.set_xlim(-box, box), ax.set_ylim(-box, box), ax.set_aspect("equal")
-    fig.tight_layout(), fig.savefig(run_dir / "toy.png", dpi=100), plt.close(fig)
-    result = {"data": args.toy, **TOY, "wall_s": wall, "mean_energy_data": e_data, "mean_energy_uniform": e_noise}
-    (run_dir / "toy.json").write_text(json.dumps(result, indent=2))
-    print(f"toy {args.toy}: {TOY['iterations']} iterations in {wall:.1f} s; mean E on data {e_data:.2f}, "
-          f"on uniform noise over the box {e_noise:.2f}; figure {run_dir / 'toy.png'}")
-    return run_dir
-
-
-def bench(args, repeats=3):
-    """Training steps (the real train_step: K SGLD steps and the update, same optimiser, precision and
-    compilation) and sampled images per second, peak memory and projections: runs/ebm-bench__.../bench.json."""
-    device, _, _ = setup_device(args)
-    dtype = amp_dtype(args, device)
-    torch.manual_seed(args.seed)
-    net, optimizer, scaler = build(args, device)
-    energy = torch.compile(net) if args.compile else net
-    buffer = ReplayBuffer(max(args.batch_size, 256), (3, 32, 32), device, args.restart_rate)
-    x = torch.rand(args.batch_size, 3, 32, 32, device=device)
-
-    def chains():  # as --sample runs them: dropout off, no gradients for the weights
-        net.eval().requires_grad_(False)
-        with autocast(device, dtype):
-            sgld(lambda v: energy(v).float(), x, args.sgld_steps, args.sgld_step_size, args.sgld_noise,
-                 args.sgld_grad_clip)
-
-    train_s = seconds_per_call(lambda: train_step(energy, energy, net, optimizer, scaler, buffer, x, args, dtype),
-                               repeats)
-    sample_s = seconds_per_call(chains, 1)
-    result = {**machine(device), "parameters": sum(p.numel() for p in net.parameters()), "width": args.width,
-              "precision": str(dtype or torch.float32).removeprefix("torch."), "compile": args.compile,
-              "batch_size": args.batch_size, "sgld_steps": args.sgld_steps, "train_step_s": train_s,
-              "train_images_per_s": args.batch_size / train_s, "sample_images_per_s": args.batch_size / sample_s,
-              "nfe_per_sample": args.sgld_steps,
-              "projected_hours_200_epochs": 200 * 50_000 * train_s / args.batch_size / 3600}
-    run_dir = new_run_dir(args, "bench")
-    (run_dir / "bench.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2) + f"\nwrote {run_dir}/bench.json")
-    return result
-
-
-# ----------------------------------------------------------------------------------------------
-# The run: device and precision, run folder, log, checkpoints (told the same way in all three model files)
-# ----------------------------------------------------------------------------------------------
 
 def setup_device(args):
-    """(device, rank, world size). Under torchrun every process joins the group and takes its own GPU."""
+    """(device, rank, world size). Under torchrun every process joins the group with its own GPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+             "cpu": True}
+    name = next(n for n in found if found[n]) if args.device == "auto" else args.device
+    if not found[name]:
         raise UserError(f"--device {name}: not available on this machine")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
-    if name == "cuda":
+    device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0)) if name == "cuda" else None)
+    if name == "cuda":  # (TF32 stays off: what runs in float32 is meant to)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # free speed on Ampere+
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN may pick its fastest kernels
     if world > 1:
-        dist.init_process_group("nccl" if name == "cuda" else "gloo", device_id=device if name == "cuda" else None)
+        cuda = name == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return device, rank, world
 
 
 def amp_dtype(args, device):
-    """The autocast precision, or None for float32. bf16 on GPUs built for it (compute capability 8 and up:
-    A100, RTX 30xx/40xx, H100); float16 with a gradient scaler on older ones (T4, V100), where bf16 would be
-    emulated, far slower; float32 on the CPU and MPS."""
-    if not args.amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    """The autocast precision (None: float32): bf16 on GPUs built for it (compute capability 8+),
+    float16 on T4 and V100 (7.x: bf16 would be emulated), float32 on older GPUs and elsewhere."""
+    capability = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+    return None if not args.amp or capability < 7 else torch.bfloat16 if capability >= 8 else \
+        torch.float16
 
 
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def grad_scaler(device, dtype):
+    """On in every precision: its step() skips an update whose gradients are not finite (without
+    waiting for the host, given a fused optimiser). Under float16 it also scales the loss up so that
+    small gradients do not round to zero; elsewhere its scale starts at 1 and never grows."""
+    fp16 = dtype == torch.float16
+    return torch.amp.GradScaler(device.type, init_scale=2.0**16 if fp16 else 1.0,
+                                growth_interval=2000 if fp16 else 2**31 - 1)
+
+
 def new_run_dir(args, kind=""):
-    """runs/ebm__<name>__<seed>__<time>/ (ebm-bench__..., ebm-toy__... for those commands), made here."""
-    model = f"ebm-{kind}" if kind else "ebm"
-    run_dir = Path(args.run_dir) / f"{model}__{args.name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    """runs/<model>__<name>__<seed>__<time>/ (<model>-<kind>__... for a command's output)."""
+    name = f"{MODEL}-{kind}__{args.name}" if kind else f"{MODEL}__{args.name}"
+    run_dir = Path(args.run_dir) / f"{name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         run_dir.mkdir(parents=True)
     except OSError as e:
@@ -822,50 +647,59 @@ def new_run_dir(args, kind=""):
     return run_dir
 
 
+LOCKS = {}  # run folder -> its lock file, held open while this process writes the run
+
+
 def open_run(args, step):
-    """The run folder (new, or the one resumed) with config.json, and its log. Rank 0 only."""
+    """The run folder (new, or the one resumed) with config.json and its log, locked to one writer
+    (RUN/lock names it). The system drops the lock when its process ends, however it ends: a killed
+    run leaves nothing that blocks --resume. Rank 0 only."""
     run_dir = Path(args.resume) if args.resume else new_run_dir(args)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    config = {"args": vars(args), "torch": torch.__version__, "cuda": torch.version.cuda, "git_commit": commit,
-              "command": " ".join(sys.argv)}
+    if run_dir.resolve() in LOCKS:  # this process wrote the run before (a notebook, the tests)
+        LOCKS.pop(run_dir.resolve()).close()
+    lock = LOCKS[run_dir.resolve()] = open(run_dir / "lock", "a+")
+    with contextlib.suppress(ImportError):  # fcntl: Unix and macOS (elsewhere, no lock)
+        import fcntl
+
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            raise UserError(f"{run_dir} is being written by process {lock.read().strip()}: one "
+                            "writer at a time") from None
+    lock.truncate(0), lock.write(f"{os.getpid()}\n"), lock.flush()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
+                            capture_output=True).stdout.strip() if shutil.which("git") else ""
+    config = {"args": vars(args), "torch": torch.__version__, "git_commit": commit or None,
+              "command": sys.argv}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    (run_dir / "checkpoint.pt.tmp").unlink(missing_ok=True)  # what a crash during a save leaves behind
+    (run_dir / "checkpoint.pt.tmp").unlink(missing_ok=True)  # what a crash during a save left
     return run_dir, Log(run_dir, args, step)
 
 
 class Log:
-    """metrics.jsonl (one JSON object per row) and TensorBoard; Weights & Biases too with --track.
-
-    On resume the rows after the checkpoint's step are dropped (and purged from TensorBoard): those
-    steps are trained again, so the log reads as if the run had never stopped.
-    """
+    """metrics.jsonl (a JSON object per row), TensorBoard, and with --track Weights & Biases. On
+    resume the rows after the checkpoint's step go (TensorBoard's too): they are trained again."""
 
     def __init__(self, run_dir, args, step):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = run_dir / "metrics.jsonl"
+        self.path, self.wandb = run_dir / "metrics.jsonl", None
         if step and self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.endswith("}")]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
+            rows = [json.loads(r) for r in self.path.read_text().splitlines() if r.endswith("}")]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
         self.tensorboard = SummaryWriter(run_dir, purge_step=step + 1 if step else None)
-        self.wandb = None
         if args.track:
             import wandb
 
-            self.wandb = wandb.init(project="cifar10-generative", name=run_dir.name, id=run_dir.name,
-                                    resume="allow", config=vars(args))
+            self.wandb = wandb.init(project="cifar10-generative", name=run_dir.name,
+                                    id=run_dir.name, resume="allow", config=vars(args))
 
     def __call__(self, step, **row):
-        row = {"step": step, **row}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({"step": step, **row}) + "\n")
         for key, value in row.items():
-            if key != "step":
-                self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.add_scalar(key, value, step)
         if self.wandb:
             self.wandb.log(row, step=step)
 
@@ -879,107 +713,77 @@ class Log:
 
 
 def save_checkpoint(run_dir, **state):
-    """checkpoint.pt, atomically: written to a temporary file, flushed to disk, then renamed over the old
-    one, so that a crash during a save never destroys the last good checkpoint."""
-    tmp = run_dir / "checkpoint.pt.tmp"
-    with open(tmp, "wb") as f:
-        torch.save({"model": "ebm", **state}, f)
+    """checkpoint.pt, atomically: written to a temporary file, flushed to disk, then renamed over
+    the old one, so that a crash during a save never destroys the last good checkpoint."""
+    with open(run_dir / "checkpoint.pt.tmp", "wb") as f:
+        torch.save({"model": MODEL, **state}, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, run_dir / "checkpoint.pt")
+    os.replace(run_dir / "checkpoint.pt.tmp", run_dir / "checkpoint.pt")
 
 
 def load_checkpoint(run):
-    """RUN/checkpoint.pt, read with weights_only=True: a file with pickled code in it is refused, not run."""
+    """RUN/checkpoint.pt, read with weights_only=True: pickled code is refused, not run."""
     path = Path(run) / "checkpoint.pt"
-    if not path.is_file():
-        raise UserError(f"no checkpoint.pt in {run}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint.pt in {run}") from None
     except Exception as e:
-        reason = "it holds pickled objects other than tensors (refused)" if "Unsupported global" in str(e) else \
-            "corrupt or truncated"
-        raise UserError(f"cannot load {path}: {reason}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("model") != "ebm":
-        raise UserError(f"{path} is not a checkpoint of ebm.py")
-    missing = {"args", "net", "optimizer", "scaler", "buffer", "epoch", "step", "rollbacks"} - ckpt.keys()
-    if missing:
-        raise UserError(f"{path} is an incomplete checkpoint (it has no {', '.join(sorted(missing))})")
+        why = "it holds pickled objects other than tensors (refused)" \
+            if "Unsupported global" in str(e) else "corrupt or truncated"
+        raise UserError(f"cannot load {path}: {why}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("model") != MODEL:
+        raise UserError(f"{path} is not a checkpoint of {MODEL}.py")
+    needed = {"args", "net", "ema", "optimizer", "scaler", "precision", "epoch", "step", "state"}
+    if missing := needed - {*ckpt}:
+        raise UserError(f"{path} is an incomplete checkpoint (no {', '.join(sorted(missing))})")
     return ckpt
+
+
+def resume(args, net, ema, optimizer, scaler):
+    """Load RUN/checkpoint.pt into the model; returns (epoch, step, the model's own state). No
+    random state is saved: every epoch reseeds from (seed, rank, epoch), so resuming at an epoch
+    boundary draws the same noise. A run may move between GPUs, precisions and the CPU."""
+    ckpt = load_checkpoint(args.resume)
+    if ckpt["epoch"] >= args.epochs:
+        raise UserError(f"{args.resume} already has {ckpt['epoch']} epochs: pass --epochs N with "
+                        f"N > {ckpt['epoch']}")
+    load_weights(net, ckpt["net"], args.resume)
+    load_weights(ema, ckpt["ema"], args.resume)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["precision"] == str(amp_dtype(args, next(net.parameters()).device)):
+        scaler.load_state_dict(ckpt["scaler"])  # (in another precision the scaler starts afresh)
+    for p in net.parameters():  # moments laid out as their weights: a channels_last (GPU)
+        for key, value in optimizer.state[p].items():  # checkpoint on the CPU's fused Adam needs it
+            if value.shape == p.shape:
+                optimizer.state[p][key] = torch.empty_like(p).copy_(value)
+    if args.lr != ckpt["args"]["lr"]:  # a --lr given on resume wins over the saved one
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
+    return ckpt["epoch"], ckpt["step"], ckpt["state"]
 
 
 def load_weights(module, state_dict, run):
     try:
         module.load_state_dict(state_dict)
     except RuntimeError:
-        raise UserError(f"{run} holds a network of another width or architecture (see its config.json)") from None
-
-
-def resume(args, net, optimizer, scaler, buffer, rank, world):
-    """Load RUN/checkpoint.pt into the model and this rank's share of the replay buffer; returns (epoch, step,
-    rollbacks). No random state is needed: every epoch reseeds from (seed, rank, epoch), so resuming at an
-    epoch boundary redraws exactly the same noise."""
-    ckpt = load_checkpoint(args.resume)
-    if ckpt["epoch"] >= args.epochs:
-        raise UserError(f"{args.resume} already has {ckpt['epoch']} epochs: pass --epochs N with N > {ckpt['epoch']}")
-    load_weights(net, ckpt["net"], args.resume)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    for p in net.parameters():  # moments laid out like their weights: a channels_last (GPU) checkpoint goes
-        for key, value in optimizer.state[p].items():  # to the CPU, whose fused Adam assumes equal layouts
-            if value.shape == p.shape:
-                optimizer.state[p][key] = torch.empty_like(p).copy_(value)
-    if args.lr != ckpt["args"]["lr"]:  # --lr given on resume wins over the optimiser's (perhaps rolled-back) one
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr
-    if ckpt["buffer"].shape[1:] != buffer.samples.shape[1:]:
-        raise UserError(f"{args.resume}: its replay buffer holds samples of shape {tuple(ckpt['buffer'].shape[1:])}")
-    buffer.samples = ckpt["buffer"].tensor_split(world)[rank].to(buffer.samples.device)  # any number of processes
-    return ckpt["epoch"], ckpt["step"], ckpt["rollbacks"]
-
-
-def seconds_per_call(fn, repeats):
-    """Mean wall time of fn() after one warm-up call (allocator, cuDNN autotuning, compilation)."""
-    fn()
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
-
-
-def machine(device):
-    """What a benchmark ran on, and its peak memory so far (GPU: allocated; CPU: resident set, Unix only)."""
-    import resource
-
-    cuda = device.type == "cuda"
-    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-    return {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
-            "torch": torch.__version__, "peak_memory_gib": peak / 2**30}
+        raise UserError(f"{run} holds a network of another width or architecture (its config.json "
+                        "says which)") from None
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.toy:
-        return toy(args)
-    if args.sample:
-        return sample(args)
-    if args.eval:
-        return evaluate(args)
-    if args.inpaint:
-        return inpaint(args)
-    if args.bench:
-        return bench(args)
+    for command, run in (("sample", sample), ("eval", evaluate), ("inpaint", inpaint)):
+        if getattr(args, command):
+            return run(args)
     return train(args)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:  # bad input, or a run that diverged: one line on stderr and exit status 1
+    except UserError as e:  # bad input, or a run that diverged: one line on stderr, exit status 1
         sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: the last checkpoint.pt is intact; continue with --resume RUN")

@@ -1,4 +1,4 @@
-"""Does bf16 autocast change SGLD's moves? README's table "EBM: bf16 vs float32 in the sampler".
+"""Does bf16 autocast change SGLD's moves? experiments/README.md, "bf16 against float32 in the sampler".
 
     OMP_NUM_THREADS=1 python -m experiments.ebm_precision runs/RUN --n 256
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import common
 import ebm
 
 
@@ -63,11 +64,11 @@ def chains(net, x0, args, steps):
     net.eval()
     out = {}
     for name, dtype, seed in (("float32", None, 0), ("bf16", torch.bfloat16, 0), ("float32_other_noise", None, 1)):
-        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # the chains' noise
         start = time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-            x, _, _ = ebm.sgld(lambda v: net(v).float(), x0, steps, args.sgld_step_size, args.sgld_noise,
-                               args.sgld_grad_clip, generator=g)
+            x, _ = ebm.sgld(lambda v: net(v).float(), x0, steps, args.sgld_step_size, args.sgld_noise,
+                            args.sgld_grad_clip)
         out[name] = (x, time.process_time() - start)
     with torch.no_grad():
         energy = {k: net(x).mean().item() for k, (x, _) in out.items()}
@@ -86,10 +87,11 @@ def main(argv=None):
     cli = p.parse_args(argv)
     torch.set_num_threads(1)
     args = ebm.parse_args(["--sample", cli.run, "--device", "cpu"])
-    net, buffer = ebm.load_trained(cli.run, args, torch.device("cpu"))
+    net, state = ebm.load_trained(cli.run, args, torch.device("cpu"))
+    buffer = state["buffer"]
     g = torch.Generator().manual_seed(0)
     sets = {"replay buffer (what SGLD visits)": buffer[torch.randperm(len(buffer), generator=g)[:cli.n]],
-            "test images": ebm.test_subset(args, cli.n),
+            "test images": (common.load_images(args.data, args.data_root, "test")[:cli.n].float() + 0.5) / 256,
             "uniform noise (chain starts)": torch.rand(cli.n, 3, 32, 32, generator=g)}
     result = {"run": cli.run, "sgld": {"step": args.sgld_step_size, "clip": args.sgld_grad_clip,
                                        "noise": args.sgld_noise},

@@ -1,9 +1,10 @@
 """NCSN 2019's setting against NCSNv2's at equal CPU time, then NCSNv2's techniques one at a time.
 
-Makes README's "NCSN: the 2019 setting against NCSNv2's, at equal CPU time" section: the per-sigma test DSM
-table of both presets, the ablation table, runs/figures/ncsn_techniques.png (per-sigma test DSM of every run)
-and runs/figures/ncsn_presets_samples.png (both presets' samples), and the technique-4 table (T, eps on the
-exact score of a Gaussian). From the repository root:
+Makes experiments/README.md's section "The 2019 setting against NCSNv2's, at equal CPU time": the
+per-sigma test DSM table of both presets, the ablation table (experiments/results/ncsn_techniques.md and
+.json), runs/figures/ncsn_techniques.png (per-sigma test DSM of every run) and
+runs/figures/ncsn_techniques_samples.png (every run's samples), and the technique-4 table (T, eps on the
+exact score of a Gaussian: experiments/results/ncsn_technique4.md). From the repository root:
 
     OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 600 presets   # 3 runs, 2 at a time
     OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 600 ablation  # 5 more
@@ -14,7 +15,8 @@ Equal time on a shared machine: wall-clock time depends on what else runs, so ev
 *process CPU seconds* of one thread. `train` first measures each configuration's CPU seconds per training
 step (time.process_time, the configurations interleaved in one process), gives each the number of epochs
 that fills --budget seconds, and records the CPU seconds each run really used (its rusage) in
-runs/ncsn_techniques.json. All numbers are CPU-scale, on the JPEG copy of CIFAR-10.
+experiments/results/ncsn_techniques.json. All numbers are CPU-scale, on the JPEG copy of CIFAR-10
+(the environment variable JPEG, or ../shared/data/cifar10-jpeg).
 """
 
 import argparse
@@ -32,11 +34,11 @@ import common
 import ncsn
 
 ROOT = Path(__file__).resolve().parent.parent
-RECORD = ROOT / "runs" / "ncsn_techniques.json"
-DATA = ["--data", str(ROOT.parent / "shared" / "data" / "cifar10-jpeg"), "--data-root", str(ROOT / "data")]
+RECORD = ROOT / "experiments" / "results" / "ncsn_techniques.json"
+DATA = ["--data", os.environ.get("JPEG", str(ROOT.parent / "shared" / "data" / "cifar10-jpeg")),
+        "--data-root", str(ROOT / "data")]  # the JPEG copy of CIFAR-10 ($JPEG, if set)
 SMALL = ["--width", "32", "--channel-mult", "1,2,2", "--num-res-blocks", "1", "--batch-size", "64",
-         "--limit-train", "6400", "--limit-test", "500", "--preview-levels", "10", "--log-every", "20",
-         "--device", "cpu"]
+         "--limit-train", "6400", "--limit-test", "500", "--log-every", "20", "--device", "cpu"]
 CONFIGS = {  # name -> (flags on top of DATA + SMALL, what the row changes)
     "ncsnv2": ([], "NCSNv2's setting (the default preset)"),
     "ncsn2019": (["--preset", "ncsn2019"], "NCSN 2019's setting (--preset ncsn2019)"),
@@ -47,11 +49,13 @@ CONFIGS.update({
     "ncsnv2-lr1e-3-seed2": ([*ABLATION_BASE, "--seed", "2"], "the same, another seed (seed-to-seed spread)"),
     "sigma1-1": ([*ABLATION_BASE, "--sigma-max", "1"], "technique 1 off: sigma_1 = 1 (232 levels 1 -> 0.01)"),
     "L10": ([*ABLATION_BASE, "--num-scales", "10"], "technique 2 off: L = 10 levels 50 -> 0.01"),
+    "unconditional": ([*ABLATION_BASE, "--score-param", "unconditional"],
+                      "technique 3 as NCSNv2's code: s = f(x) / sigma, f never told sigma"),
     "embed": ([*ABLATION_BASE, "--score-param", "embed"], "technique 3 off: s = f(x, sigma), no division"),
     "no-ema": ([*ABLATION_BASE, "--ema", "0"], "technique 5 off: no EMA"),
 })
 GROUPS = {"presets": ["ncsnv2", "ncsn2019", "ncsnv2-lr1e-3"],
-          "ablation": ["ncsnv2-lr1e-3-seed2", "sigma1-1", "L10", "embed", "no-ema"]}
+          "ablation": ["ncsnv2-lr1e-3-seed2", "sigma1-1", "L10", "unconditional", "embed", "no-ema"]}
 LADDER_2019 = ncsn.geometric_sigmas(1.0, 0.01, 10).tolist()  # NCSN 2019's levels: its network knows only these
 TEST_SIGMAS = (*LADDER_2019[::-2], 1.0, 3.0, 10.0, 50.0)  # 0.01, 0.0278, 0.0774, 0.215, 0.599: its rungs
 
@@ -69,7 +73,8 @@ def cpu_seconds_per_step(names, steps=6, rounds=3):
         args = ncsn.parse_args(argv_of(name))
         torch.manual_seed(0)
         net, ema, optimizer, scaler = ncsn.build(args, torch.device("cpu"))
-        setups[name] = (args, net, ema, optimizer, scaler, ncsn.noise_levels(args))
+        setups[name] = (args, net, ema, optimizer, scaler,
+                        ncsn.geometric_sigmas(args.sigma_max, args.sigma_min, args.num_scales))
     x = torch.rand(64, 3, 32, 32)
     times = {name: [] for name in names}
     for _ in range(rounds):
@@ -86,6 +91,7 @@ def cpu_seconds_per_step(names, steps=6, rounds=3):
 def train(names, budget, parallel=2):
     """Each configuration for --budget CPU seconds (whole epochs of 100 steps), `parallel` at a time."""
     per_step = cpu_seconds_per_step(names)
+    RECORD.parent.mkdir(parents=True, exist_ok=True)
     record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
     queue = [(name, max(1, round(budget / (per_step[name] * 100)))) for name in names]
     running = {}
@@ -94,6 +100,7 @@ def train(names, budget, parallel=2):
             name, epochs = queue.pop(0)
             before = set((ROOT / "runs").glob(f"ncsn__techniques-{name}__*"))
             cmd = [sys.executable, str(ROOT / "ncsn.py"), *argv_of(name), "--epochs", str(epochs)]
+            (ROOT / "runs").mkdir(exist_ok=True)
             log = open(ROOT / "runs" / f"ncsn_techniques_{name}.log", "w")
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -105,16 +112,24 @@ def train(names, budget, parallel=2):
         record[name] = {"run": str(new[-1].relative_to(ROOT)) if new else None, "exit_status": status,
                         "epochs": epochs, "steps": epochs * 100, "cpu_seconds": usage.ru_utime + usage.ru_stime,
                         "wall_seconds": time.time() - wall_start, "cpu_seconds_per_step_measured": per_step[name],
-                        "command": f"OMP_NUM_THREADS=1 python {cmd}"}
+                        "command": f"OMP_NUM_THREADS=1 python {cmd}".replace(DATA[1], "$JPEG")
+                        .replace(str(ROOT) + "/", "")}
         RECORD.write_text(json.dumps(record, indent=2))
         print(f"finished {name}: exit {status}, {record[name]['cpu_seconds']:.0f} CPU s, "
               f"{record[name]['wall_seconds']:.0f} s wall", flush=True)
 
 
 def load_run(run, *extra):
-    """(args, EMA network) of a finished run, on the CPU; `extra` flags choose its sampler."""
+    """(args, EMA network, its state) of a finished run, on the CPU; `extra` flags choose its sampler."""
     args = ncsn.parse_args(["--sample", str(run), "--device", "cpu", *extra])
-    return args, ncsn.load_trained(run, args, torch.device("cpu"))
+    return (args, *ncsn.load_trained(run, args, torch.device("cpu")))
+
+
+def dsm_per_sigma(net, test, sigmas, args):
+    """{sigma: test DSM loss at that one sigma}, with the same noise for every sigma and every run
+    (ncsn.test_metrics' fixed generator)."""
+    return {float(s): ncsn.test_metrics(net, test, torch.tensor([float(s)]), args, torch.device("cpu"),
+                                        None)["test_dsm"] for s in sigmas}
 
 
 def per_sigma_losses(record, names):
@@ -122,8 +137,8 @@ def per_sigma_losses(record, names):
     test = common.load_images(DATA[1], DATA[3], "test")[:500]
     for name in names:
         if list(record[name].get("test_dsm_at_sigma", {})) != [f"{s:.3g}" for s in TEST_SIGMAS]:
-            _, net = load_run(ROOT / record[name]["run"])
-            losses = ncsn.dsm_per_sigma(net, test, TEST_SIGMAS, torch.device("cpu"), None)
+            args, net, _ = load_run(ROOT / record[name]["run"])
+            losses = dsm_per_sigma(net, test, TEST_SIGMAS, args)
             record[name]["test_dsm_at_sigma"] = {f"{k:.3g}": v for k, v in losses.items()}
             RECORD.write_text(json.dumps(record, indent=2))
     return {name: list(record[name]["test_dsm_at_sigma"].values()) for name in names}
@@ -137,7 +152,7 @@ def markdown_table(record, losses, names):
     return head + rows + "| a zero score (D/2) | " + " | ".join(["1536.0"] * len(TEST_SIGMAS)) + " | | |\n"
 
 
-def between_rungs(record, names=("ncsn2019", "L10", "ncsnv2-lr1e-3", "embed")):
+def between_rungs(record, names=("ncsn2019", "L10", "ncsnv2-lr1e-3", "unconditional", "embed")):
     """How well each network knows the sigmas it was not trained at: the test DSM halfway (geometric mean)
     between two neighbouring levels of its ladder, against the geometric mean of the losses at the two levels
     (the loss changes smoothly with sigma), over up to ten pairs spread over [0.01, 1]."""
@@ -145,16 +160,17 @@ def between_rungs(record, names=("ncsn2019", "L10", "ncsnv2-lr1e-3", "embed")):
     lines = ["| run | s = | levels | loss at its levels (mean) | halfway between (mean) | halfway / expected, "
              "mean (max) |", "|" + "---|" * 6]
     for name in [n for n in names if n in record and record[n]["run"]]:
-        args, net = load_run(ROOT / record[name]["run"])
-        inside = ncsn.noise_levels(args)
+        args, net, _ = load_run(ROOT / record[name]["run"])
+        inside = ncsn.geometric_sigmas(args.sigma_max, args.sigma_min, args.num_scales)
         inside = inside[inside <= 1.0 + 1e-6]
         pick = torch.linspace(0, len(inside) - 2, min(10, len(inside) - 1)).round().long()
         upper, lower = inside[pick], inside[pick + 1]
-        at_upper, at_lower, halfway = (torch.tensor(list(ncsn.dsm_per_sigma(
-            net, test, sigmas.tolist(), torch.device("cpu"), None).values())) for sigmas in
-            (upper, lower, (upper * lower).sqrt()))
+        at_upper, at_lower, halfway = (torch.tensor(list(dsm_per_sigma(net, test, sigmas.tolist(), args)
+                                                         .values())) for sigmas in
+                                       (upper, lower, (upper * lower).sqrt()))
         ratio = halfway / (at_upper * at_lower).sqrt()
-        param = "f(x, sigma) / sigma" if args.score_param == "divide" else "f(x, sigma)"
+        param = {"divide": "f(x, sigma) / sigma", "unconditional": "f(x) / sigma",
+                 "embed": "f(x, sigma)"}[args.score_param]
         lines.append(f"| {CONFIGS[name][1]} | {param} | {args.num_scales} | {at_upper.mean():.1f} | "
                      f"{halfway.mean():.1f} | {ratio.mean():.2f} ({ratio.max():.2f}) |")
         print(lines[-1], flush=True)
@@ -163,20 +179,18 @@ def between_rungs(record, names=("ncsn2019", "L10", "ncsnv2-lr1e-3", "embed")):
 
 @torch.inference_mode()
 def sample_rows(record, names, n=8):
-    """Each run's samples from the same start: the probability-flow ODE on the run's own levels (one Heun step
-    between neighbours: cheap, and the same sampler for every run), and the two presets with their own annealed
-    Langevin sampler (paper settings)."""
+    """Each run's samples from the same starts: the probability-flow ODE on the run's own levels (one
+    Heun step between neighbours: cheap, and the same sampler for every run), and the two presets
+    with their own annealed Langevin sampler (paper settings)."""
     rows = []
     for name in names:
         run = ROOT / record[name]["run"]
-        _, net = load_run(run)
-        for extra in (["--sampler", "ode"], []) if name in ("ncsnv2", "ncsn2019") else (
-                ["--sampler", "ode"],):
-            args = ncsn.parse_args(["--sample", str(run), "--device", "cpu", "--sample-batch", str(n), *extra])
+        for extra in (["--sampler", "ode"], []) if name in ("ncsnv2", "ncsn2019") else (["--sampler", "ode"],):
+            args, net, stats = load_run(run, "--batch-size", str(n), *extra)
+            torch.manual_seed(0)
             start = time.process_time()
-            x, _ = ncsn.draw_samples(net, n, args, torch.device("cpu"), None, seed=0)
-            settings = ncsn.sampler_settings(args, torch.device("cpu"))
-            rows.append((f"{name}: {ncsn.SAMPLER_NAMES[args.sampler]}, {settings['nfe']} NFE "
+            x, nfe = ncsn.draw_samples(net, stats, n, args, torch.device("cpu"), None)
+            rows.append((f"{name}: {ncsn.SAMPLERS[args.sampler]}, {nfe} NFE "
                          f"({(time.process_time() - start) / n:.1f} CPU s each)", x))
             print(rows[-1][0], flush=True)
     return rows
@@ -184,11 +198,7 @@ def sample_rows(record, names, n=8):
 
 def report():
     """Tables (printed, and runs/ncsn_techniques.md), the per-sigma figure and the sample grids."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     torch.set_num_threads(1)
     record = json.loads(RECORD.read_text())
     names = [n for n in CONFIGS if n in record and record[n]["run"]]
@@ -198,7 +208,7 @@ def report():
     text = ("Test DSM loss at fixed sigmas (500 JPEG-copy test images, EMA weights, the same noise for every run; "
             "CPU-scale):\n\n" + markdown_table(record, losses, presets) + "\nAblation:\n\n"
             + markdown_table(record, losses, ablation) + "\nBetween the levels:\n\n" + between_rungs(record))
-    (ROOT / "runs" / "ncsn_techniques.md").write_text(text)
+    (RECORD.parent / "ncsn_techniques.md").write_text(text)
     print(text)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for name in presets:
@@ -222,6 +232,15 @@ def report():
                      "ncsn_techniques_samples.png", title="samples from each run (values clamped to [0, 1])")
 
 
+def ncsnv2_variance_ratio(eps, steps, gamma, sigma_min):
+    """NCSNv2's own technique-4 prediction, which assumes each level starts in equilibrium at the
+    previous sigma: a^2T (gamma^2 - c) + c (ncsn.langevin_variance_ratio has the carried-over one).
+    Its eps for 232 levels from 50 to 0.01 and T = 5 is the paper's 6.2e-6."""
+    b = eps / sigma_min**2
+    c = 2 / (2 - b)
+    return (1 - b) ** (2 * steps) * (gamma**2 - c) + c
+
+
 def langevin(n=2000):
     """Technique 4 where the answer is known: annealed Langevin with the exact score of a Gaussian with
     CIFAR-10's spectrum (experiments.ncsn_samplers), started from a draw of p_sigma_1: the final spread
@@ -232,8 +251,8 @@ def langevin(n=2000):
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     score, exact_sample, errors = gaussian_problem(n, g, cifar_spectrum(DATA[1], DATA[3]))
-    eps_v2 = ncsn.technique4_eps(ncsn.geometric_sigmas(50, 0.01, 232), 5)
-    eps_t1 = ncsn.technique4_eps(ncsn.geometric_sigmas(50, 0.01, 232), 1)
+    eps_v2 = ncsn.langevin_eps(ncsn.geometric_sigmas(50, 0.01, 232), 5)
+    eps_t1 = ncsn.langevin_eps(ncsn.geometric_sigmas(50, 0.01, 232), 1)
     settings = [  # (what, sigma_max, L, T, eps)
         ("NCSNv2: L 232, T 5, eps 6.2e-6", 50, 232, 5, 6.2e-6),
         ("T 5, eps from the carried-over ratio", 50, 232, 5, eps_v2),
@@ -250,17 +269,19 @@ def langevin(n=2000):
         sigmas = ncsn.geometric_sigmas(sigma_max, 0.01, levels)
         gamma = (sigmas[0] / sigmas[1]).item()
         stable = gamma**2 * (1 - eps / 0.01**2) ** (2 * steps) < 1
-        predicted = [ncsn.langevin_variance_ratio(eps, steps, gamma, 0.01, c) ** 0.5 for c in (False, True)]
+        predicted = [ncsnv2_variance_ratio(eps, steps, gamma, 0.01) ** 0.5,
+                     ncsn.langevin_variance_ratio(eps, steps, gamma, 0.01) ** 0.5]
         with torch.no_grad():
             start = exact_sample() + sigma_max * torch.randn(n, 3072, generator=g)  # a draw of p_sigma_1
-            x, _ = ncsn.annealed_langevin(score, start, sigmas, steps, eps, denoise=False, generator=g)
+            torch.manual_seed(0)
+            x = ncsn.annealed_langevin(score, start, sigmas, steps, eps, denoise=False)
         e = errors(x)
         lines.append(f"| {what} | {levels * steps:,} | {predicted[0]:.3f} | "
                      f"{predicted[1]:.3f} | {e['spread_tight']:.3f} | {e['spread_wide']:.3f} | {e['kl_per_dim']:.4f} |"
                      if stable else f"| {what} | {levels * steps:,} | {predicted[0]:.3f} | grows without bound | "
                      f"{e['spread_tight']:.3f} | {e['spread_wide']:.3f} | {e['kl_per_dim']:.4f} |")
         print(lines[-1], flush=True)
-    (ROOT / "runs" / "ncsn_technique4.md").write_text("\n".join(lines) + "\n")
+    (RECORD.parent / "ncsn_technique4.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None):
@@ -269,11 +290,12 @@ def main(argv=None):
     t = sub.add_parser("train", help="train a group of configurations at equal CPU time")
     t.add_argument("group", choices=GROUPS)
     t.add_argument("--budget", type=float, default=600, help="CPU seconds of one thread per run")
+    t.add_argument("--parallel", type=int, default=2, help="runs at a time")
     sub.add_parser("report", help="per-sigma test DSM tables, figure and sample grids from the runs")
     sub.add_parser("langevin", help="technique 4: (T, eps) on the exact score of a Gaussian")
     args = p.parse_args(argv)
     if args.command == "train":
-        train(GROUPS[args.group], args.budget)
+        train(GROUPS[args.group], args.budget, args.parallel)
     elif args.command == "report":
         report()
     else:
