@@ -1,7 +1,6 @@
-"""What vae.py, ebm.py and ncsn.py share: data loading, metrics and image grids. Nothing else.
-
-How a model is trained, checkpointed and resumed lives in that model's file. This file only moves
-pixels and numbers, so that the three models see the same data and are measured the same way.
+"""What vae.py, ebm.py and ncsn.py share: data loading, metrics and image grids, so that the three
+models see the same data and are measured the same way. How a model is trained, checkpointed and
+resumed lives in that model's file.
 
     python common.py explore --data ../shared/data/cifar10-jpeg   # figures and numbers of the data
 """
@@ -35,24 +34,21 @@ def positive_int(text):  # argparse types, shared by every script's command line
     return int(text)
 
 
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def number(accept, what):  # an argparse type for a finite float that accept() admits
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
 
 
-def non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+positive_float = number(lambda v: v > 0, "a positive number")
+non_negative_float = number(lambda v: v >= 0, "a number >= 0")
+decay = number(lambda v: 0 <= v < 1, "in [0, 1)")  # a moving average's decay
 
 
 def run_name(text):
@@ -232,40 +228,6 @@ class DeviceLoader:
             yield x.float() / 255
 
 
-# 2-D toy data for the toy experiments. The mixture is the NCSN paper's (Song & Ermon 2019, Fig. 3).
-MIXTURE_WEIGHTS, MIXTURE_MEANS, MIXTURE_STD = (0.8, 0.2), ((5.0, 5.0), (-5.0, -5.0)), 1.0
-
-
-def toy_data(name, n, generator=None):
-    """n points (n, 2) from 'mixture', '8gaussians' or 'rings'."""
-    g = generator
-    if name == "mixture":
-        first = torch.rand(n, generator=g) < MIXTURE_WEIGHTS[0]
-        means = torch.tensor(MIXTURE_MEANS)[torch.where(first, 0, 1)]
-        return means + MIXTURE_STD * torch.randn(n, 2, generator=g)
-    if name == "8gaussians":
-        angle = torch.randint(0, 8, (n,), generator=g) * (math.pi / 4)
-        centres = 2.0 * torch.stack([angle.cos(), angle.sin()], 1)
-        return centres + 0.15 * torch.randn(n, 2, generator=g)
-    if name == "rings":
-        radius = torch.randint(1, 4, (n,), generator=g).float()  # three rings, radii 1, 2, 3
-        angle = 2 * math.pi * torch.rand(n, generator=g)
-        circles = radius[:, None] * torch.stack([angle.cos(), angle.sin()], 1)
-        return circles + 0.08 * torch.randn(n, 2, generator=g)
-    raise UserError(f"unknown toy dataset {name!r} (choose mixture, 8gaussians or rings)")
-
-
-def mixture_log_prob(x, sigma=0.0):
-    """Exact log density of the toy mixture plus N(0, sigma^2 I) noise, whose gradient is the true
-    score: noise only widens each Gaussian component, var = std^2 + sigma^2."""
-    means = torch.tensor(MIXTURE_MEANS, dtype=x.dtype, device=x.device)  # (2, 2)
-    log_w = torch.tensor(MIXTURE_WEIGHTS, dtype=x.dtype, device=x.device).log()
-    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1)
-    var = MIXTURE_STD**2 + sigma**2
-    sq = ((x[:, None, :] - means) ** 2).sum(-1) / var  # (N, 2)
-    return torch.logsumexp(log_w - 0.5 * sq - torch.log(2 * math.pi * var), dim=1)
-
-
 # ----------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------
@@ -284,15 +246,6 @@ def bits_per_dim(nll_nats, dims=IMAGE_DIMS):
 def to_uint8(x):
     """Float images in [0, 1] (clamped first) -> uint8, as every metric and .npz receives them."""
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def auroc(scores_in, scores_out):
-    """Area under the ROC curve, P(s_in > s_out) + P(s_in = s_out) / 2 over all pairs (Mann-Whitney
-    U): 1 when every in-score is above every out-score, 0.5 when they cannot be told apart."""
-    out = scores_out.detach().flatten().double().sort().values
-    x = scores_in.detach().flatten().double().to(out.device)
-    below, not_above = torch.searchsorted(out, x), torch.searchsorted(out, x, right=True)
-    return (below + not_above).sum().item() / (2 * len(x) * len(out))  # a tie counts half
 
 
 class _Uint8Images(torch.utils.data.Dataset):  # the form torch-fidelity reads: one image per item
@@ -334,51 +287,6 @@ def generative_metrics(samples, data, data_root, extractor="inception-v3-compat"
              "kid_std": "kernel_inception_distance_std"}
     return {**{k: scores[v] for k, v in names.items()}, "n_samples": n, "n_reference": n_ref,
             "extractor": extractor}
-
-
-def fit_linear_probe(features, labels, classes, l2, tolerance=1e-5, max_iter=10_000):
-    """Multinomial logistic regression, weights (F + 1, K) with the bias last: full-batch L-BFGS on
-    the mean cross-entropy + l2/2 |W|^2 until no gradient entry exceeds `tolerance`. The problem is
-    convex, so this is its minimum from any start. In float64: float32's rounding stalls L-BFGS
-    near 1e-5. Returns (weights, {evaluations, grad_max})."""
-    x = torch.nn.functional.pad(features.double(), (0, 1), value=1.0)  # the constant: the bias
-    w = torch.zeros(x.shape[1], classes, device=x.device, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w], max_iter=max_iter, max_eval=2 * max_iter, history_size=20,
-                                  tolerance_grad=tolerance, tolerance_change=0.0,
-                                  line_search_fn="strong_wolfe")
-    evaluations = []
-
-    def objective():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w, labels) + 0.5 * l2 * w[:-1].pow(2).sum()
-        loss.backward()
-        evaluations.append(1)
-        return loss
-
-    optimizer.step(objective)
-    objective()  # the gradient at the end
-    return w.detach(), {"evaluations": len(evaluations), "grad_max": w.grad.abs().max().item()}
-
-
-def linear_probe(train_x, train_y, test_x, test_y, classes, l2_grid=(1e-4, 1e-3, 1e-2, 0.1, 1, 10)):
-    """How much of the labels a representation (N, F) makes linearly readable: the test accuracy of
-    a linear classifier on the standardised features, with the l2 of the grid that does best on the
-    last tenth of the training set. Returns {top1, l2, evaluations, grad_max}."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    n = len(train_x) - max(1, len(train_x) // 10)
-
-    def accuracy(w, x, y):
-        logits = torch.nn.functional.pad(x.double(), (0, 1), value=1.0) @ w
-        return logits.argmax(1).eq(y).float().mean().item()
-
-    def held_out(l2):
-        w, _ = fit_linear_probe(train_x[:n], train_y[:n], classes, l2)
-        return accuracy(w, train_x[n:], train_y[n:])
-
-    l2 = max(l2_grid, key=held_out)
-    w, fit = fit_linear_probe(train_x, train_y, classes, l2)  # refit on the whole training set
-    return {"top1": accuracy(w, test_x, test_y), "l2": l2, **fit}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,13 +432,11 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def main(argv=None):
-    parser = OneLineErrors(description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p = parser.add_subparsers(dest="command", required=True).add_parser(
         "explore", help="figures and statistics of a dataset")
     p.add_argument("--data", default="cifar10", help="'cifar10' or a folder of images")
-    p.add_argument("--data-root", default="data",
-                   help="where CIFAR-10 and decoded-image caches live")
+    p.add_argument("--data-root", default="data", help="where CIFAR-10 and image caches live")
     p.add_argument("--out", default="runs/data_exploration", help="output folder")
     args = parser.parse_args(argv)
     explore(args.data, args.data_root, args.out)

@@ -1,41 +1,37 @@
 """An energy-based model (EBM) of CIFAR-10, trained by contrastive divergence with SGLD.
 
-    python ebm.py --epochs 200                       # IGEBM's unconditional CIFAR-10 model, one GPU
-    python ebm.py --sample runs/RUN --n 64           # samples.png and samples.npz
-    python ebm.py --eval runs/RUN --n 10000          # FID / IS / KID and the energies
-    python ebm.py --inpaint runs/RUN                 # fill in the centre of test images
-    python -m experiments.ebm_toy                    # the same method on a 2-D toy, a minute
+    python ebm.py --epochs 200                    # IGEBM's unconditional CIFAR-10 model, one GPU
+    python ebm.py --sample runs/RUN --n 64        # samples.png and samples.npz
+    python ebm.py --eval runs/RUN --n 10000       # FID / IS / KID and the energies
+    python experiments/ebm_inpaint.py runs/RUN    # fill in the centre of test images
+    python -m experiments.ebm_toy                 # the same method on a 2-D toy, a minute
     torchrun --standalone --nproc_per_node=8 ebm.py --epochs 200
 
-The model. A network E_theta maps an image x to one number, its energy, and defines the density
-p_theta(x) = exp(-E_theta(x)) / Z(theta), Z(theta) = integral exp(-E_theta(x)) dx. Low energy means
-a likely image. Z is intractable, but its gradient is an expectation under the model, grad_theta
-log Z = -E_{x ~ p_theta}[grad_theta E_theta(x)], so the maximum-likelihood gradient is
+A network E_theta maps an image x to one number, its energy, and defines the density p_theta(x) =
+exp(-E_theta(x)) / Z(theta), Z(theta) = integral exp(-E_theta(x)) dx: low energy, a likely image.
+Z is intractable, but grad_theta log Z = -E_{x ~ p_theta}[grad_theta E_theta(x)], so
 
     grad_theta E_data[-log p_theta(x)] = E_{x+ ~ data}[grad E(x+)] - E_{x- ~ p_theta}[grad E(x-)]
 
-Push the energy of data (positives x+) down and that of the model's own samples (negatives x-)
-up; at the optimum the two balance. Contrastive divergence (Hinton 2002) draws the negatives by a
-short MCMC run and treats them as constants: the loss is E(x+) - E(x-). IGEBM (Du & Mordatch 2019,
-https://arxiv.org/abs/1903.08689) adds alpha (E(x+)^2 + E(x-)^2), which keeps the energies near 0
-so that the first two terms cannot win by running off to infinity (alpha = 1; Adam, lr 3e-4,
-betas (0, 0.999), each gradient entry clipped to 3 of its running standard deviations + 0.1).
+pushes the energy of data (positives x+) down and that of the model's samples (negatives x-) up,
+until the two balance. Contrastive divergence (Hinton 2002) draws the negatives by a short MCMC run
+and treats them as constants: the loss is E(x+) - E(x-). IGEBM (Du & Mordatch 2019,
+https://arxiv.org/abs/1903.08689) adds alpha (E(x+)^2 + E(x-)^2), alpha = 1, which keeps the
+energies near 0 so that the first two terms cannot win by running off to infinity.
 
-The sampler is stochastic gradient Langevin dynamics (SGLD, Welling & Teh 2011): x <- x - (eps / 2)
-grad_x E(x) + sqrt(eps) N(0, I) samples p_theta as eps -> 0 and the steps -> infinity. IGEBM runs
-K = 60 steps of x <- clamp(x - lambda clip(grad_x E, +-0.01) + N(0, 0.005^2), 0, 1), lambda = 10:
-not in Langevin's proportion (it would need noise sqrt(2 lambda)), so it samples exp(-E / T) at
-T ~ 1e-6, close to noisy gradient descent: sharper images from short chains. The chains start from
-a replay buffer of 10,000 past negatives (5% restart from uniform noise), so a chain continues
-across training steps (persistent CD, Tieleman 2008) and 60 steps an update add up to thousands
-(Nijkamp et al. 2019, https://arxiv.org/abs/1904.09770, study short-run chains instead).
+Stochastic gradient Langevin dynamics (SGLD, Welling & Teh 2011), x <- x - (eps / 2) grad_x E(x) +
+sqrt(eps) N(0, I), samples p_theta as eps -> 0 and the steps -> infinity. IGEBM runs K = 60 steps
+of x <- clamp(x - lambda clip(grad_x E, +-0.01) + N(0, 0.005^2), 0, 1), lambda = 10: not in
+Langevin's proportion (that needs noise sqrt(2 lambda)), it samples exp(-E / T) at T ~ 1e-6, close
+to noisy gradient descent: sharper images from short chains. The chains persist across updates in
+a replay buffer of 10,000 past negatives, 5% restarted from noise (persistent CD, Tieleman 2008;
+Nijkamp et al. 2019, https://arxiv.org/abs/1904.09770, study short-run chains instead).
 
-A density needs continuous data: pixels k/255 become (k + u) / 256, u ~ U(0, 1) (dequantization).
-EBM training is unstable: the energies blow up in the end (JEM's and VAEBM's authors say so), and
-their remedy, a restart from the last good checkpoint with a lower learning rate, is automatic
-here. -E(x) is an unnormalised log-likelihood: experiments/ebm_ood.py scores out-of-distribution
-images with it, as IGEBM and JEM (Grathwohl et al. 2020) do. Reported (theirs): IGEBM FID 40.58;
-short-run MCMC 44.5; improved contrastive divergence (Du et al. 2021) 25.1.
+A density needs continuous data: pixels k/255 become (k + u) / 256, u ~ U(0, 1). EBM training blows
+up in the end (JEM's and VAEBM's authors say so); their remedy, a restart from the last good
+checkpoint at a lower learning rate, is automatic here. Reported FID (theirs): IGEBM 40.58,
+short-run MCMC 44.5, improved CD (Du et al. 2021) 25.1. -E(x) also scores out-of-distribution
+images, as in IGEBM and JEM (Grathwohl et al. 2020): experiments/ebm_ood.py.
 """
 
 import argparse
@@ -61,7 +57,7 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 import common
-from common import UserError, non_negative_float, positive_float, positive_int, run_name
+from common import UserError, decay, non_negative_float, positive_float, positive_int, run_name
 
 MODEL = "ebm"
 
@@ -69,30 +65,23 @@ MODEL = "ebm"
 # ----------------------------------------------------------------------------------------------
 # The network: IGEBM's unconditional ResNet32Large (its official code, models.py)
 # ----------------------------------------------------------------------------------------------
-# A stem conv and nine residual blocks, three each at 128, 256 and 512 channels, the first of each
-# width halving the resolution (32 -> 16 -> 8 -> 4), sum pooling, a linear layer: 18.6M parameters.
-# Dropout 0.5 in every block, in training and its chains (IGEBM's training graph runs the chains
-# through the same forward). No BatchNorm: an image's energy must not depend on its batch. Spectral
-# normalisation bounds each conv's Lipschitz constant: the energy cannot become arbitrarily steep.
-# Two differences from IGEBM: SiLU for its leaky ReLU, as SGLD follows grad_x E, which (leaky) ReLU
-# makes piecewise constant and SiLU smooth; and ordinary conv biases where IGEBM adds a learned bias
-# to a conv's input, which is not the same near the zero-padded border (and is tied to the weights).
+# No BatchNorm: an image's energy must not depend on its batch. Spectral normalisation bounds each
+# conv's Lipschitz constant: the energy cannot become arbitrarily steep. Unlike IGEBM: SiLU for its
+# leaky ReLU (SGLD follows grad_x E, piecewise constant under ReLU, smooth under SiLU), and ordinary
+# conv biases for its learned bias on a conv's input (not the same near the zero-padded border).
 
 class SpectralNorm(nn.Module):
-    """The parametrisation W -> W / sigma(W), sigma the largest singular value of W as an (out,
-    in k k) matrix, by power iteration (Miyato et al. 2018); at_most_one: W / max(sigma, 1), which
-    leaves a small weight alone. A power-iteration step per forward in training, none in eval."""
+    """W -> W / sigma(W), sigma the largest singular value of W (out, in k k), by power iteration
+    (Miyato et al. 2018), a step per forward in training; at_most_one: W / max(sigma, 1)."""
 
     def __init__(self, weight, at_most_one=False, warmup=15):
         super().__init__()
-        self.at_most_one = at_most_one
-        w = weight.detach().flatten(1)
+        self.at_most_one, w = at_most_one, weight.detach().flatten(1)
         u, v = F.normalize(torch.randn(len(w)), dim=0), None
         for _ in range(warmup):  # start from a converged estimate
             v = F.normalize(w.T @ u, dim=0)
             u = F.normalize(w @ v, dim=0)
-        self.register_buffer("u", u)
-        self.register_buffer("v", v)
+        self.register_buffer("u", u), self.register_buffer("v", v)
 
     def forward(self, weight):
         with torch.autocast(weight.device.type, enabled=False):  # float32: sigma is one number
@@ -101,9 +90,9 @@ class SpectralNorm(nn.Module):
                 with torch.no_grad():
                     self.v.copy_(F.normalize(w.T @ self.u, dim=0))
                     self.u.copy_(F.normalize(w @ self.v, dim=0))
-            sigma = self.u.clone() @ w @ self.v.clone()  # u^T W v, differentiable in W (copies: the
-            return weight / (sigma.clamp(min=1) if self.at_most_one else sigma)  # next power step
-            # must not change what this one's backward needs)
+            # u^T W v (clones: the next power step, in place, must not change this backward's u, v)
+            sigma = self.u.clone() @ w @ self.v.clone()
+            return weight / (sigma.clamp(min=1) if self.at_most_one else sigma)
 
 
 def spectral_norm(layer, at_most_one=False):
@@ -139,20 +128,21 @@ class ResBlock(nn.Module):
 
 
 class EnergyNet(nn.Module):
-    """(B, 3, 32, 32) in [0, 1] -> energies (B,). Channels width, 2 width, 4 width."""
+    """(B, 3, 32, 32) in [0, 1] -> energies (B,): 3 blocks each at width, 2 width and 4 width, the
+    first of each halving the resolution (32 -> 16 -> 8 -> 4), sum pooling, a linear layer. 18.6M
+    parameters at width 128; dropout 0.5 in every block, in training and in its chains (IGEBM)."""
 
     def __init__(self, width=128, dropout=0.5):
         super().__init__()
         self.stem = spectral_norm(nn.Conv2d(3, width, 3, padding=1, bias=False))
         channels = [width] * 3 + [2 * width] * 3 + [4 * width] * 3
-        pairs = enumerate(zip([width, *channels], channels))  # 32 -> 16 -> 8 -> 4: the first of
-        self.blocks = nn.Sequential(*[ResBlock(a, b, i % 3 == 0, dropout)  # each width halves
-                                      for i, (a, b) in pairs])
+        pairs = enumerate(zip([width, *channels], channels))
+        self.blocks = nn.Sequential(*[ResBlock(a, b, i % 3 == 0, dropout) for i, (a, b) in pairs])
         self.head = nn.Linear(4 * width, 1)  # no spectral norm: it only scales E (IGEBM)
 
     def forward(self, x):
         h = self.blocks(F.silu(self.stem(x)))  # (B, 4 width, 4, 4)
-        return self.head(h.sum((2, 3))).squeeze(1)  # sum pooling (IGEBM), a scalar per image
+        return self.head(h.sum((2, 3))).squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,8 +163,7 @@ def contrastive_divergence_loss(energy_pos, energy_neg, alpha):
 def sgld(energy, x, steps, step_size, noise, grad_clip=None, bounds=(0.0, 1.0), mask=None):
     """K steps of x <- clamp(x - step_size clip(grad_x E(x)) + noise N(0, I), bounds): Langevin
     dynamics sampling exp(-E) when step_size = eps / 2, noise = sqrt(eps), no clip and no bounds.
-    `mask` (1 = free) restricts the moves to some pixels (inpainting). Returns (x, the mean norm of
-    grad_x E over the steps)."""
+    `mask` (1 = free) moves only some pixels. Returns (x, mean norm of grad_x E over the steps)."""
     grad_norm, x = torch.zeros((), device=x.device), x.detach()
     with parametrize.cached():  # the normalised weights: computed once per chain, not every step
         for _ in range(steps):
@@ -189,12 +178,19 @@ def sgld(energy, x, steps, step_size, noise, grad_clip=None, bounds=(0.0, 1.0), 
 
 
 def energy_gradient(energy, x):
-    """grad_x E(x), for x only (no gradients for the weights). The energy is scaled by 1024 first
-    and the gradient back after: under float16 (T4, V100) most of its entries, of median size 1e-6
-    at initialisation, fall below float16's smallest normal number (5% error, 2% zeros if not)."""
+    """grad_x E(x), for x only. The energy is scaled by 1024 first and the gradient back after:
+    under float16 (T4, V100) most of its entries, of median size 1e-6 at initialisation, fall below
+    float16's smallest normal number (5% error, 2% zeros if not)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         return torch.autograd.grad(energy(x).sum() * 1024, x)[0].float() / 1024
+
+
+def igebm_sgld(net, x, steps, args, dtype, mask=None):
+    """sgld on the network's energy with the run's step size, noise and clip, under autocast."""
+    with autocast(x.device, dtype):
+        return sgld(lambda v: net(v).float(), x, steps, args.sgld_step_size, args.sgld_noise,
+                    args.sgld_grad_clip, mask=mask)
 
 
 class ReplayBuffer:
@@ -208,15 +204,14 @@ class ReplayBuffer:
         return self.low + (self.high - self.low) * torch.rand(n, *shape, device=device)
 
     def sample(self, n):
-        """n chain states and their slots (distinct, so that pushing them back is deterministic on a
-        GPU too); each restarts from fresh noise with probability restart_rate."""
+        """n chain states, each restarted from noise with probability restart_rate, and their slots
+        (distinct: pushing them back is deterministic on a GPU too)."""
         idx = torch.randperm(len(self.samples), device=self.samples.device)[:n]
         x, fresh = self.samples[idx], self.noise(n, self.samples.shape[1:], self.samples.device)
         restart = torch.rand(n, device=x.device) < self.restart_rate
         return torch.where(restart.view(-1, *[1] * (x.dim() - 1)), fresh, x), idx
 
-    def push(self, x, idx):
-        """Store the chains' new states in the slots they came from."""
+    def push(self, x, idx):  # the chains' new states, into the slots they came from
         self.samples[idx] = x.detach()
 
 
@@ -225,23 +220,21 @@ class ReplayBuffer:
 # ----------------------------------------------------------------------------------------------
 
 def build(args, device):
-    """The energy network (channels_last on a GPU: faster convolutions), its EMA copy (IGEBM has
-    none: --ema 0 makes it a copy of the network), the optimiser and the gradient scaler."""
+    """The network (channels_last on a GPU: faster), its EMA copy, the optimiser and the scaler."""
     net = EnergyNet(args.width, args.dropout).to(device)
     net = net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
-    ema = copy.deepcopy(net).requires_grad_(False)
+    ema = copy.deepcopy(net).requires_grad_(False)  # IGEBM has none: --ema 0, a copy of the net
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.0, 0.999), fused=True)
     return net, ema, optimizer, grad_scaler(device, amp_dtype(args, device))
 
 
 @torch.no_grad()  # the average is not part of any graph (under autograd it would grow every step)
 def update_ema(ema, net, decay, step):
-    """ema <- d ema + (1 - d) net with d = min(decay, (1 + step) / (10 + step)); the spectral norms'
-    power-iteration vectors are copied."""
+    """ema <- d ema + (1 - d) net, d = min(decay, (1 + step) / (10 + step)); buffers copied."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), net.parameters()):
         e.lerp_(p, 1 - d)
-    for e, b in zip(ema.buffers(), net.buffers()):
+    for e, b in zip(ema.buffers(), net.buffers()):  # the spectral norms' power-iteration vectors
         e.copy_(b)
 
 
@@ -260,17 +253,14 @@ def clip_like_igebm(optimizer):
 
 
 def train_step(model, net, optimizer, scaler, buffer, x, args, dtype):
-    """One contrastive-divergence update on a batch x (B, 3, 32, 32) in [0, 1]. Returns ({name:
-    device tensor} to log, a device bool: the sign of a divergence, energies that are not finite or
-    beyond --max-energy, whose update is skipped). On the device: the GPU never waits."""
+    """One contrastive-divergence update on a batch x (B, 3, 32, 32) in [0, 1], all on the device.
+    Returns ({name: tensor} to log, bad: a divergence, energies not finite or over --max-energy)."""
     x_pos = (x * 255 + torch.rand_like(x)) / 256  # dequantization: a density over [0, 1]
     x_neg, idx = buffer.sample(len(x_pos))
     # The chains need grad_x E only (a compiled backward would compute the weights' gradients too).
     # The network stays in training mode: dropout is on in the chains as in IGEBM's training graph.
     net.requires_grad_(False)
-    with autocast(x.device, dtype):
-        x_neg, sgld_grad_norm = sgld(lambda v: net(v).float(), x_neg, args.sgld_steps,
-                                     args.sgld_step_size, args.sgld_noise, args.sgld_grad_clip)
+    x_neg, sgld_grad_norm = igebm_sgld(net, x_neg, args.sgld_steps, args, dtype)
     net.requires_grad_(True)
     buffer.push(x_neg, idx)
     with autocast(x.device, dtype):
@@ -311,9 +301,7 @@ def write_previews(net, buffer, run_dir, epoch, args, device, dtype):
     rows = [("replay buffer", buffer.samples[:8])]
     for steps in [round(k * args.sgld_steps / 4) for k in range(5)]:
         torch.manual_seed(0)  # the same start and noise for every row: one chain, seen at 5 points
-        with autocast(device, dtype):
-            x = sgld(lambda v: net(v).float(), torch.rand(8, 3, 32, 32, device=device), steps,
-                     args.sgld_step_size, args.sgld_noise, args.sgld_grad_clip)[0]
+        x = igebm_sgld(net, torch.rand(8, 3, 32, 32, device=device), steps, args, dtype)[0]
         rows.append((f"{steps} steps from noise", x))
     net.train()
     common.save_rows(rows, run_dir / "samples" / f"epoch_{epoch:04d}.png",
@@ -321,9 +309,9 @@ def write_previews(net, buffer, run_dir, epoch, args, device, dtype):
 
 
 def share_buffer(buffer, world, rank, saved=None):
-    """The replay buffer of the checkpoint: every rank's share (called on all ranks); or with
-    `saved`, this rank's share of a saved one, for any number of processes: equal shares, the saved
-    chains repeated if too few (an unequal split would break the collective that gathers them)."""
+    """The whole replay buffer, gathered from every rank (call it on all); or with `saved`, this
+    rank's equal share of a saved one for any number of processes, its chains repeated if too few
+    (an unequal split would break the collective that gathers them)."""
     if saved is not None:
         n = len(buffer.samples)
         mine = torch.arange(rank * n, (rank + 1) * n) % len(saved)
@@ -341,76 +329,70 @@ def train(args):
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP checks it)
     train_images = common.load_images(args.data, args.data_root, "train")[:args.limit_train]
     test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
-    # no flips: IGEBM's unconditional run does not augment its data
     loader = common.DeviceLoader(train_images, args.batch_size // world, device, args.seed, rank,
-                                 world, flip=False)
+                                 world, flip=False)  # IGEBM's unconditional run does not augment
     net, ema, optimizer, scaler = build(args, device)
     model = torch.compile(net) if args.compile else net
     model = DistributedDataParallel(model) if world > 1 else model
+    parameters = sum(p.numel() for p in net.parameters())
     torch.manual_seed(args.seed * 10**9 + rank * 10**6)  # each rank starts its own chains
     buffer = ReplayBuffer(args.buffer_size // world, (3, 32, 32), device, args.restart_rate)
     start, step, state = resume(args, net, ema, optimizer, scaler) if args.resume else \
         (0, 0, {"rollbacks": 0})
     if args.resume:
         share_buffer(buffer, world, rank, saved=state["buffer"])
-    last_good = copy.deepcopy([net.state_dict(), optimizer.state_dict(), buffer.samples])
     run_dir, log = open_run(args, step) if rank == 0 else (None, None)
     if rank == 0:
-        print(f"{run_dir}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(train_images)} images, {len(loader)} steps an epoch on {device} x {world}, "
-              f"{dtype or torch.float32}")
+        print(f"{run_dir}: {parameters / 1e6:.2f}M parameters, {len(train_images)} images, "
+              f"{len(loader)} steps an epoch on {device} x {world}, {dtype or torch.float32}")
     streak = worst = torch.zeros((), device=device)  # divergence signs in a row, on the device
     for epoch in range(start + 1, args.epochs + 1):
         torch.manual_seed(args.seed * 10**9 + rank * 10**6 + epoch)  # each rank's and epoch's noise
+        last_good = copy.deepcopy([net.state_dict(), optimizer.state_dict(), buffer.samples])
         tick = time.perf_counter()
         for i, x in enumerate(tqdm(loader.epoch(epoch), f"epoch {epoch}", len(loader), leave=False,
                                    disable=rank != 0)):  # x: (B, 3, 32, 32) in [0, 1]
             logs, bad = train_step(model, net, optimizer, scaler, buffer, x, args, dtype)
             update_ema(ema, net, args.ema, step)
-            step += 1
-            streak = (streak + 1) * bad
+            step, streak = step + 1, (streak + 1) * bad
             worst = torch.maximum(worst, streak)
             if step % args.log_every == 0 or i == len(loader) - 1:  # the only host syncs
                 if worst.item() >= args.max_bad_steps:  # the EBM's own remedy (JEM's, VAEBM's)
-                    state["rollbacks"] = roll_back(last_good, net, optimizer, buffer, args, step,
-                                                   state["rollbacks"], run_dir, log)
+                    roll_back(last_good, net, optimizer, buffer, state, args, step, run_dir, log)
                     streak = worst = torch.zeros((), device=device)
                 elif rank == 0:
                     log(step, epoch=epoch, **{k: v.item() for k, v in logs.items()},
                         lr=optimizer.param_groups[0]["lr"],
                         img_per_s=(i + 1) * args.batch_size / (time.perf_counter() - tick))
         state["buffer"] = share_buffer(buffer, world, rank)
-        last_good = copy.deepcopy([net.state_dict(), optimizer.state_dict(), buffer.samples])
         if rank == 0:  # end of epoch: evaluate, preview, checkpoint
             seconds = time.perf_counter() - tick
             test = test_metrics(ema, test_images, args, device, dtype)
             write_previews(ema, buffer, run_dir, epoch, args, device, dtype)
             log(step, epoch=epoch, epoch_seconds=seconds, **test)
-            save_checkpoint(run_dir, args=vars(args), net=net.state_dict(),
-                            ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                            scaler=scaler.state_dict(), precision=str(dtype), epoch=epoch,
-                            step=step, state=state)
+            save_checkpoint(run_dir, args=vars(args), net=net.state_dict(), ema=ema.state_dict(),
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                            precision=str(dtype), epoch=epoch, step=step, state=state)
             print(f"epoch {epoch}/{args.epochs}: gap E(x-) - E(x+) {logs['gap'].item():.4f}, "
                   f"test E {test['test_energy']:.4f} ({seconds:.0f} s)")
         if world > 1:  # (if rank 0 failed above, torchrun stops the other processes)
             dist.barrier()
     if rank == 0:
         log.finish({"epochs": args.epochs, "steps": step, **test, "rollbacks": state["rollbacks"],
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "parameters": sum(p.numel() for p in net.parameters())})
+                    "lr": optimizer.param_groups[0]["lr"], "parameters": parameters})
     return run_dir
 
 
-def roll_back(last_good, net, optimizer, buffer, args, step, rollbacks, run_dir, log):
+def roll_back(last_good, net, optimizer, buffer, state, args, step, run_dir, log):
     """Back to the weights, optimiser and replay buffer of the last checkpoint, at a lower lr."""
+    rollbacks = state["rollbacks"]
     if rollbacks >= args.max_rollbacks:
         raise UserError(f"the energy diverged (not finite, or |E| > {args.max_energy:g}) at step "
                         f"{step} after {rollbacks} rollback(s); the last good checkpoint is in "
                         f"{args.resume or run_dir}: resume it with a lower --lr or larger --alpha")
     weights, optimizer_state, buffer.samples = copy.deepcopy(last_good)
-    net.load_state_dict(weights)
-    optimizer.load_state_dict(optimizer_state)
-    lr = optimizer.param_groups[0]["lr"] * args.lr_drop
+    net.load_state_dict(weights), optimizer.load_state_dict(optimizer_state)
+    state["rollbacks"], lr = rollbacks + 1, optimizer.param_groups[0]["lr"] * args.lr_drop
     for group in optimizer.param_groups:
         group["lr"] = lr
     if log:
@@ -418,33 +400,26 @@ def roll_back(last_good, net, optimizer, buffer, args, step, rollbacks, run_dir,
               f"{lr:.3g} (rollback {rollbacks + 1} of {args.max_rollbacks} at most)",
               file=sys.stderr)
         log(step, rollback=rollbacks + 1, lr=lr)
-    return rollbacks + 1
 
 
 # ----------------------------------------------------------------------------------------------
-# Commands: sample, evaluate, inpaint
+# Commands: sample, evaluate
 # ----------------------------------------------------------------------------------------------
 
 def load_trained(run, args, device):
     """The run's EMA network (dropout off), ready to sample, and its state (the replay buffer)."""
     net, _, _, _ = build(args, device)
-    ckpt = load_checkpoint(run)
-    load_weights(net, ckpt["ema"], run)
+    ckpt = load_checkpoint(run, ema=net)
     return net.eval().requires_grad_(False), ckpt["state"]
 
 
 def draw_samples(net, state, n, args, device, dtype):
-    """n samples: SGLD chains of --steps steps from the saved replay buffer (where IGEBM's samples
-    come from) or, with --chains noise, from uniform noise."""
+    """n samples: SGLD chains of --steps steps from the saved replay buffer (IGEBM) or noise."""
     saved = state["buffer"]
     start = saved[torch.randperm(len(saved)).repeat(math.ceil(n / len(saved)))[:n]] \
         if args.chains == "buffer" else torch.rand(n, 3, 32, 32)
-    out = []
-    for x in start.split(args.batch_size):
-        with autocast(device, dtype):
-            out.append(sgld(lambda v: net(v).float(), x.to(device), args.steps, args.sgld_step_size,
-                            args.sgld_noise, args.sgld_grad_clip)[0].cpu())
-    return torch.cat(out)
+    return torch.cat([igebm_sgld(net, x.to(device), args.steps, args, dtype)[0].cpu()
+                      for x in start.split(args.batch_size)])
 
 
 def sample(args):
@@ -462,8 +437,7 @@ def sample(args):
 
 
 def evaluate(args):
-    """FID / IS / KID of --n samples, and the mean energies of test images and of the samples, into
-    RUN/eval.json (out-of-distribution detection: experiments/ebm_ood.py)."""
+    """FID / IS / KID of --n samples and the mean energies of test images and samples: eval.json."""
     device, _, _ = setup_device(args)
     dtype, (net, state) = amp_dtype(args, device), load_trained(args.eval, args, device)
     torch.manual_seed(args.seed)
@@ -483,64 +457,37 @@ def evaluate(args):
     print(json.dumps(result, indent=2))
 
 
-def inpaint(args, completions=3):
-    """RUN/inpaint.png: the centre 16x16 of test images filled by SGLD on those pixels only."""
-    device, _, _ = setup_device(args)
-    net, _ = load_trained(args.inpaint, args, device)
-    torch.manual_seed(args.seed)
-    test = common.load_images(args.data, args.data_root, "test")[:8].to(device)
-    test = (test.float() + 0.5) / 256  # the centres of the dequantization bins
-    mask = torch.zeros(1, 1, 32, 32, device=device)
-    mask[..., 8:24, 8:24] = 1  # 1: free pixel
-    rows = [("masked", test * (1 - mask) + 0.5 * mask)]
-    for c in range(completions):
-        with autocast(device, amp_dtype(args, device)):
-            start = torch.where(mask.bool(), torch.rand_like(test), test)
-            x = sgld(lambda v: net(v).float(), start, args.steps, args.sgld_step_size,
-                     args.sgld_noise, args.sgld_grad_clip, mask=mask)[0]
-        rows.append((f"completion {c + 1}", x))
-    common.save_rows(rows + [("original", test)], Path(args.inpaint) / "inpaint.png",
-                     title=f"inpainting: SGLD on the masked pixels, {args.steps} steps")
-    print(f"wrote {args.inpaint}/inpaint.png")
-
-
 RECIPE = dict(epochs=200, lr=3e-4, ema=0.0, grad_clip=0.0)  # IGEBM: no EMA, IGEBM's clip (above)
-COMMANDS = ("resume", "sample", "eval", "inpaint")  # the flags that name a run
-
-
-def probability(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+COMMANDS = ("resume", "sample", "eval")  # the flags that name a run
 
 
 def add_model_args(p):
     add = p.add_argument
-    add("--inpaint", metavar="RUN", help="fill the centre of test images by SGLD: RUN/inpaint.png")
-    add("--steps", type=positive_int, help="SGLD steps of --sample, --eval, --inpaint (default: K)")
+    add("--steps", type=positive_int, help="SGLD steps of --sample and --eval (default: K)")
     add("--chains", default="buffer", choices=("buffer", "noise"),
         help="--sample / --eval chains start from the saved replay buffer (IGEBM) or from U(0, 1)")
     add("--width", type=positive_int, default=128, help="channels of the first stage (IGEBM: 128)")
-    add("--dropout", type=probability, default=0.5, help="dropout in every block (IGEBM: 0.5)")
+    add("--dropout", type=float, default=0.5, help="dropout in every block (IGEBM: 0.5)")
     add("--alpha", type=non_negative_float, default=1.0, help="weight of E(x+)^2 + E(x-)^2")
     add("--sgld-steps", type=positive_int, default=60, help="SGLD steps K per update (IGEBM: 60)")
     add("--sgld-step-size", type=positive_float, default=10.0, help="SGLD step lambda (IGEBM: 10)")
     add("--sgld-noise", type=non_negative_float, default=0.005, help="SGLD noise std (IGEBM)")
     add("--sgld-grad-clip", type=positive_float, default=0.01, help="clip grad_x E to +-this")
     add("--buffer-size", type=positive_int, default=10000, help="replay buffer, all processes")
-    add("--restart-rate", type=probability, default=0.05, help="chains restarted from U(0, 1)")
+    add("--restart-rate", type=float, default=0.05, help="chains restarted from U(0, 1)")
     add("--max-energy", type=positive_float, default=1000.0, help="|E| beyond this: a divergence")
     add("--max-rollbacks", type=int, default=3, help="rollbacks to the last checkpoint, at most")
-    add("--lr-drop", type=probability, default=0.5, help="multiply the lr by this at a rollback")
+    add("--lr-drop", type=float, default=0.5, help="multiply the lr by this at a rollback")
 
 
 def check_model_args(args, error):
     args.steps = args.steps or args.sgld_steps
-    if args.max_rollbacks < 0 or args.dropout == 1 or args.buffer_size < args.batch_size:
-        error(f"--max-rollbacks must be >= 0 (got {args.max_rollbacks}), --dropout below 1 (got "
-              f"{args.dropout}) and --buffer-size at least --batch-size (got {args.buffer_size})")
-
+    if not (0 <= args.dropout < 1 and 0 <= args.restart_rate <= 1 and 0 <= args.lr_drop <= 1):
+        error(f"--dropout must be in [0, 1), --restart-rate and --lr-drop in [0, 1]; got "
+              f"{args.dropout}, {args.restart_rate}, {args.lr_drop}")
+    if args.max_rollbacks < 0 or args.buffer_size < args.batch_size:
+        error(f"--max-rollbacks must be >= 0 (got {args.max_rollbacks}) and --buffer-size at least "
+              f"--batch-size (got {args.buffer_size})")
 
 # ----------------------------------------------------------------------------------------------
 # The run: arguments, device and precision, run folder and log, checkpoint and resume. The same
@@ -567,10 +514,9 @@ def parse_args(argv=None):
     add("--limit-train", type=positive_int, help="use only the first N training images")
     add("--limit-test", type=positive_int, help="use only the first N test images")
     add("--log-every", type=positive_int, default=50, help="steps between host-synced logs")
-    add("--ema", type=float, help="decay of the weights' moving average that samples (0: none)")
+    add("--ema", type=decay, help="decay of the weights' moving average that samples (0: none)")
     add("--grad-clip", type=non_negative_float, help="clip the gradient's norm to this (0: off)")
-    add("--max-bad-steps", type=positive_int, default=50,
-        help="divergence signs in a row that stop training (EBM: roll it back)")
+    add("--max-bad-steps", type=positive_int, default=50, help="bad steps in a row that stop a run")
     add("--resume", metavar="RUN", help="continue the run in this folder (--epochs N extends it)")
     add("--sample", metavar="RUN", help="write --n samples to RUN/samples.png and samples.npz")
     add("--eval", metavar="RUN", help="FID / IS / KID of --n samples and the model's own metrics")
@@ -582,16 +528,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if run := next((getattr(args, c) for c in COMMANDS if getattr(args, c)), None):
         try:
-            config = json.loads((Path(run) / "config.json").read_text())["args"]
-        except FileNotFoundError:
-            raise UserError(f"{run} is not a run folder (no config.json)") from None
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"{run}/config.json is damaged (not this project's JSON)") from None
-        p.set_defaults(**{k: v for k, v in config.items() if k not in COMMANDS})
+            saved = json.loads((Path(run) / "config.json").read_text())["args"]
+            p.set_defaults(**{k: v for k, v in saved.items() if k not in COMMANDS})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{run} is not a run folder (no readable config.json)") from None
         args = p.parse_args(argv)
     check_model_args(args, p.error)
-    if not 0 <= args.ema < 1:
-        p.error(f"--ema must be in [0, 1), got {args.ema}")
     if args.track and importlib.util.find_spec("wandb") is None:
         p.error("--track needs wandb: pip install wandb")
     return args
@@ -600,18 +542,17 @@ def parse_args(argv=None):
 def setup_device(args):
     """(device, rank, world size). Under torchrun every process joins the group with its own GPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
-             "cpu": True}
-    name = next(n for n in found if found[n]) if args.device == "auto" else args.device
-    if not found[name]:
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    name = next((n for n in found if found[n]), "cpu") if args.device == "auto" else args.device
+    if not found.get(name, True):
         raise UserError(f"--device {name}: not available on this machine")
     device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0)) if name == "cuda" else None)
     if name == "cuda":  # (TF32 stays off: what runs in float32 is meant to)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN may pick its fastest kernels
     if world > 1:
-        cuda = name == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group("nccl" if name == "cuda" else "gloo",
+                                device_id=device if name == "cuda" else None)
     return device, rank, world
 
 
@@ -619,8 +560,8 @@ def amp_dtype(args, device):
     """The autocast precision (None: float32): bf16 on GPUs built for it (compute capability 8+),
     float16 on T4 and V100 (7.x: bf16 would be emulated), float32 on older GPUs and elsewhere."""
     capability = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
-    return None if not args.amp or capability < 7 else torch.bfloat16 if capability >= 8 else \
-        torch.float16
+    return None if not args.amp or capability < 7 else \
+        torch.bfloat16 if capability >= 8 else torch.float16
 
 
 def autocast(device, dtype):
@@ -628,9 +569,8 @@ def autocast(device, dtype):
 
 
 def grad_scaler(device, dtype):
-    """On in every precision: its step() skips an update whose gradients are not finite (without
-    waiting for the host, given a fused optimiser). Under float16 it also scales the loss up so that
-    small gradients do not round to zero; elsewhere its scale starts at 1 and never grows."""
+    """Its step() skips an update whose gradients are not finite; under float16 it also scales the
+    loss so that small gradients do not round to zero (elsewhere its scale stays 1)."""
     fp16 = dtype == torch.float16
     return torch.amp.GradScaler(device.type, init_scale=2.0**16 if fp16 else 1.0,
                                 growth_interval=2000 if fp16 else 2**31 - 1)
@@ -651,14 +591,13 @@ LOCKS = {}  # run folder -> its lock file, held open while this process writes t
 
 
 def open_run(args, step):
-    """The run folder (new, or the one resumed) with config.json and its log, locked to one writer
-    (RUN/lock names it). The system drops the lock when its process ends, however it ends: a killed
-    run leaves nothing that blocks --resume. Rank 0 only."""
+    """The run folder (new, or resumed) with config.json and its log, locked to one writer: RUN/lock
+    names its process, and the lock dies with it, so a killed run never blocks --resume."""
     run_dir = Path(args.resume) if args.resume else new_run_dir(args)
-    if run_dir.resolve() in LOCKS:  # this process wrote the run before (a notebook, the tests)
-        LOCKS.pop(run_dir.resolve()).close()
+    if old := LOCKS.pop(run_dir.resolve(), None):  # this process wrote the run before (a notebook)
+        old.close()
     lock = LOCKS[run_dir.resolve()] = open(run_dir / "lock", "a+")
-    with contextlib.suppress(ImportError):  # fcntl: Unix and macOS (elsewhere, no lock)
+    with contextlib.suppress(ImportError):
         import fcntl
 
         try:
@@ -668,10 +607,10 @@ def open_run(args, step):
             raise UserError(f"{run_dir} is being written by process {lock.read().strip()}: one "
                             "writer at a time") from None
     lock.truncate(0), lock.write(f"{os.getpid()}\n"), lock.flush()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
-                            capture_output=True).stdout.strip() if shutil.which("git") else ""
-    config = {"args": vars(args), "torch": torch.__version__, "git_commit": commit or None,
-              "command": sys.argv}
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
+                         capture_output=True) if shutil.which("git") else None
+    config = {"args": vars(args), "torch": torch.__version__, "command": sys.argv,
+              "git_commit": git.stdout.strip() or None if git else None}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     (run_dir / "checkpoint.pt.tmp").unlink(missing_ok=True)  # what a crash during a save left
     return run_dir, Log(run_dir, args, step)
@@ -684,16 +623,15 @@ class Log:
     def __init__(self, run_dir, args, step):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path, self.wandb = run_dir / "metrics.jsonl", None
+        self.path, self.wandb = run_dir / "metrics.jsonl", None  # wandb: only with --track
         if step and self.path.exists():
             rows = [json.loads(r) for r in self.path.read_text().splitlines() if r.endswith("}")]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
         self.tensorboard = SummaryWriter(run_dir, purge_step=step + 1 if step else None)
-        if args.track:
-            import wandb
-
-            self.wandb = wandb.init(project="cifar10-generative", name=run_dir.name,
-                                    id=run_dir.name, resume="allow", config=vars(args))
+        if args.track:  # (the run folder's name is its id: a resumed run continues its curves)
+            self.wandb = importlib.import_module("wandb").init(
+                project="cifar10-generative", name=run_dir.name, id=run_dir.name, resume="allow",
+                config=vars(args))
 
     def __call__(self, step, **row):
         with open(self.path, "a") as f:
@@ -713,8 +651,7 @@ class Log:
 
 
 def save_checkpoint(run_dir, **state):
-    """checkpoint.pt, atomically: written to a temporary file, flushed to disk, then renamed over
-    the old one, so that a crash during a save never destroys the last good checkpoint."""
+    """checkpoint.pt, atomically (a temporary file, flushed, renamed): a crash never destroys it."""
     with open(run_dir / "checkpoint.pt.tmp", "wb") as f:
         torch.save({"model": MODEL, **state}, f)
         f.flush()
@@ -722,8 +659,8 @@ def save_checkpoint(run_dir, **state):
     os.replace(run_dir / "checkpoint.pt.tmp", run_dir / "checkpoint.pt")
 
 
-def load_checkpoint(run):
-    """RUN/checkpoint.pt, read with weights_only=True: pickled code is refused, not run."""
+def load_checkpoint(run, **modules):
+    """RUN/checkpoint.pt (weights_only: pickled code is refused, not run) into modules (net=...)."""
     path = Path(run) / "checkpoint.pt"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -738,6 +675,12 @@ def load_checkpoint(run):
     needed = {"args", "net", "ema", "optimizer", "scaler", "precision", "epoch", "step", "state"}
     if missing := needed - {*ckpt}:
         raise UserError(f"{path} is an incomplete checkpoint (no {', '.join(sorted(missing))})")
+    try:
+        for key, module in modules.items():
+            module.load_state_dict(ckpt[key])
+    except RuntimeError:
+        raise UserError(f"{run} holds a network of another width or architecture (its config.json "
+                        "says which)") from None
     return ckpt
 
 
@@ -745,12 +688,10 @@ def resume(args, net, ema, optimizer, scaler):
     """Load RUN/checkpoint.pt into the model; returns (epoch, step, the model's own state). No
     random state is saved: every epoch reseeds from (seed, rank, epoch), so resuming at an epoch
     boundary draws the same noise. A run may move between GPUs, precisions and the CPU."""
-    ckpt = load_checkpoint(args.resume)
+    ckpt = load_checkpoint(args.resume, net=net, ema=ema)
     if ckpt["epoch"] >= args.epochs:
         raise UserError(f"{args.resume} already has {ckpt['epoch']} epochs: pass --epochs N with "
                         f"N > {ckpt['epoch']}")
-    load_weights(net, ckpt["net"], args.resume)
-    load_weights(ema, ckpt["ema"], args.resume)
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["precision"] == str(amp_dtype(args, next(net.parameters()).device)):
         scaler.load_state_dict(ckpt["scaler"])  # (in another precision the scaler starts afresh)
@@ -764,17 +705,9 @@ def resume(args, net, ema, optimizer, scaler):
     return ckpt["epoch"], ckpt["step"], ckpt["state"]
 
 
-def load_weights(module, state_dict, run):
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError:
-        raise UserError(f"{run} holds a network of another width or architecture (its config.json "
-                        "says which)") from None
-
-
 def main(argv=None):
     args = parse_args(argv)
-    for command, run in (("sample", sample), ("eval", evaluate), ("inpaint", inpaint)):
+    for command, run in (("sample", sample), ("eval", evaluate)):
         if getattr(args, command):
             return run(args)
     return train(args)

@@ -1,11 +1,8 @@
 """Noise Conditional Score Network (NCSN) with annealed Langevin dynamics, on CIFAR-10.
 
-    python ncsn.py --epochs 200                     # NCSNv2's recipe on one GPU: the headline run
-    python ncsn.py --preset ncsn2019 --epochs 200   # the 2019 paper's setting, to compare
+    python ncsn.py --epochs 200                     # NCSNv2's recipe on one GPU (--preset ncsn2019)
     python ncsn.py --sample runs/RUN --n 64         # samples.png, samples.npz, trajectory.png
-    python ncsn.py --sample runs/RUN --sampler ode --nfe 58   # 58 network evaluations a sample
-    python ncsn.py --eval runs/RUN --n 50000        # FID / IS / KID and the test DSM loss
-    python ncsn.py --inpaint runs/RUN               # fill in the right half, the centre
+    python ncsn.py --eval runs/RUN --sampler ode --nfe 58 --n 50000   # FID / IS / KID, test DSM
     torchrun --standalone --nproc_per_node=8 ncsn.py --epochs 200
 
 The idea (Song & Ermon 2019, https://arxiv.org/abs/1907.05600). A generative model needs only the
@@ -16,10 +13,9 @@ score of N(x~; x, sigma^2 I)) is the score of the blurred data p_sigma. Two prob
 lie near a thin manifold where the data's score is undefined, and Langevin chains cannot cross the
 empty gaps between modes, so they get the modes' weights wrong (experiments/ncsn_toy.py). Many
 noise levels sigma_1 > ... > sigma_L solve both: large sigma fills space and joins modes, small
-sigma is close to the data.
-One network learns every level, each weighted by lambda(sigma) = sigma^2 (NCSN eq. 6):
+sigma is close to the data. One network learns every level, weighted by lambda(sigma) = sigma^2:
 
-    loss = 1/2 E_{sigma, x, z} || sigma s(x + sigma z, sigma) + z ||^2.
+    loss = 1/2 E_{sigma, x, z} || sigma s(x + sigma z, sigma) + z ||^2          (NCSN eq. 6)
 
 Annealed Langevin dynamics (NCSN Alg. 1) samples: T Langevin steps at each level, of size alpha_i =
 eps sigma_i^2 / sigma_L^2, from the largest sigma to the smallest. NCSNv2 (Song & Ermon 2020,
@@ -59,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import common
-from common import UserError, non_negative_float, positive_float, positive_int, run_name
+from common import UserError, decay, non_negative_float, positive_float, positive_int, run_name
 
 MODEL = "ncsn"
 
@@ -98,8 +94,7 @@ class SigmaGroupNorm(nn.GroupNorm):
     def __init__(self, channels, emb_dim):
         super().__init__(math.gcd(32, channels), channels, affine=False)
         self.scale_shift = nn.Linear(emb_dim, 2 * channels)
-        nn.init.zeros_(self.scale_shift.weight)
-        nn.init.zeros_(self.scale_shift.bias)
+        nn.init.zeros_(self.scale_shift.weight), nn.init.zeros_(self.scale_shift.bias)
 
     def forward(self, h, emb):
         # float32 under autocast too: bf16 rounds a log-scale a ~ 4.6 (a scale of 1 / sigma_L = 100)
@@ -140,7 +135,7 @@ class ScoreNet(nn.Module):
             for _ in range(num_res_blocks + 1):
                 self.up.append(ResBlock(ch + skips.pop(), width * mult, emb_dim))
                 ch = width * mult
-            if level > 0:
+            if level > 0:  # double the resolution
                 upsample = nn.Upsample(scale_factor=2)
                 self.up.append(nn.Sequential(upsample, nn.Conv2d(ch, ch, 3, padding=1)))
         norm = SigmaGroupNorm(ch, emb_dim) if score_param == "embed" else group_norm(ch)
@@ -155,9 +150,8 @@ class ScoreNet(nn.Module):
             emb = self.embed(torch.cat([angles.sin(), angles.cos()], dim=1))  # (B, 4 width)
         sigma = sigma[:, None, None, None]
         # The input, centred, over sqrt(sigma^2 + 1/4) (Karras et al.'s c_in: of order one at every
-        # level; an unconditional f sees it as it is). The first conv stays in float32 under
-        # autocast: bf16 rounds a pixel near 1 by up to 0.002, a fifth of sigma_L = 0.01, and the
-        # score's error at sigma_L grows from 1.2% to 4.1% (measured on a trained model).
+        # level). The first conv in float32: bf16 rounds a pixel near 1 by up to 0.002, a fifth of
+        # sigma_L = 0.01 (the score's error at sigma_L: 1.2% -> 4.1%, measured on a trained model).
         with torch.autocast(x.device.type, enabled=False):
             x = x.float() - 0.5
             h = self.head(x if emb is None else x / (sigma.float() ** 2 + 0.25).sqrt())
@@ -210,33 +204,22 @@ def gaussian_start(stats, sigma_1, device):
     return lambda n: mean + (torch.randn(n, len(root), device=device) @ root.T).view(n, *mean.shape)
 
 
-def observe(x, sigma, observed, mask):
-    """Inpainting (NCSN Alg. 2): the observed pixels (mask True) set to the observation, blurred
-    afresh to the current level: the free pixels always see a draw of p_sigma consistent with it."""
-    return x if mask is None else torch.where(mask, observed + sigma * torch.randn_like(x), x)
-
-
-def annealed_langevin(score_net, x, sigmas, steps, eps, denoise=True, observed=None, mask=None):
-    """Annealed Langevin dynamics (NCSN Alg. 1), or inpainting (Alg. 2) given observed and mask.
+def annealed_langevin(score_net, x, sigmas, steps, eps, denoise=True):
+    """Annealed Langevin dynamics (NCSN Alg. 1; Alg. 2, inpainting: experiments/ncsn_inpaint.py).
     x <- x + alpha s + sqrt(2 alpha) z, as the papers' code (Alg. 1 writes alpha / 2 for alpha);
     alpha_i = eps sigma_i^2 / sigma_L^2 keeps each update's signal-to-noise ratio the same at every
     level. Costs len(sigmas) x steps (+ 1 to denoise) network evaluations."""
     for sigma in sigmas:
         alpha = eps * (sigma / sigmas[-1]) ** 2
         for _ in range(steps):
-            x = observe(x, sigma, observed, mask)
             score = score_net(x, sigma.expand(len(x))).float()
             x = x + alpha * score + (2 * alpha).sqrt() * torch.randn_like(x)
-    return finish(score_net, x, sigmas[-1], denoise, observed, mask)
+    return finish(score_net, x, sigmas[-1], denoise)
 
 
-def finish(score_net, x, sigma_min, denoise, observed=None, mask=None):
-    """Tweedie's formula E[x_clean | x] = x + sigma^2 grad log p_sigma(x), the final denoising step;
-    then the observation itself in the observed pixels."""
-    if denoise:
-        x = observe(x, sigma_min, observed, mask)
-        x = x + sigma_min**2 * score_net(x, sigma_min.expand(len(x))).float()
-    return x if mask is None else torch.where(mask, observed, x)
+def finish(score_net, x, sigma_min, denoise):
+    """Tweedie's formula E[x_clean | x] = x + sigma^2 grad log p_sigma(x): the final denoising."""
+    return x + sigma_min**2 * score_net(x, sigma_min.expand(len(x))).float() if denoise else x
 
 
 def probability_flow(score_net, x, sigmas, denoise=True):
@@ -255,25 +238,22 @@ def probability_flow(score_net, x, sigmas, denoise=True):
 
 
 def langevin_variance_ratio(eps, steps, gamma, sigma_min):
-    """Variance / sigma_i^2 of annealed Langevin's chains at the end of a level, for data at a point
-    (the directions tighter than sigma_L): a step is x - x* <- a (x - x*) + sqrt(2 alpha) z, a = 1
-    - eps / sigma_L^2 at every level, with fixed point c = 2 / (2 - eps / sigma_L^2). NCSNv2's
-    technique 4 assumes a level starts in equilibrium at the previous sigma (ratio gamma^2, gamma =
-    sigma_i-1 / sigma_i), giving a^2T (gamma^2 - c) + c; but the excess carries over from level to
-    level, and the ratio settles where r = a^2T (gamma^2 r - c) + c: r = c (1 - a^2T) / (1 -
-    gamma^2 a^2T)."""
+    """Technique 4: variance / sigma_i^2 of the chains at the end of a level, for data at a point
+    x*. A step is x - x* <- a (x - x*) + sqrt(2 alpha) z, a = 1 - b, b = eps / sigma_L^2 (the same
+    at every level), fixed point c = 2 / (2 - b). NCSNv2 starts each level in equilibrium at the
+    last sigma (ratio gamma^2, gamma = sigma_i-1 / sigma_i): a^2T (gamma^2 - c) + c. But the excess
+    carries over: the ratio settles at r = a^2T (gamma^2 r - c) + c = c (1 - a^2T) / (1 - gamma^2
+    a^2T). langevin_eps: the eps with r closest to 1 (from above) at a ladder's largest gap."""
     b = eps / sigma_min**2
-    c, decay = 2 / (2 - b), (1 - b) ** (2 * steps)
-    return c * (1 - decay) / (1 - gamma**2 * decay)
+    shrink = (1 - b) ** (2 * steps)  # a^2T
+    return 2 / (2 - b) * (1 - shrink) / (1 - gamma**2 * shrink)
 
 
 def langevin_eps(sigmas, steps):
-    """Technique 4 for any ladder: the eps whose ratio above is closest to 1 (it stays above 1), at
-    the ladder's largest gap gamma between neighbours, where the chains lag most."""
     gamma, sigma_min = (sigmas[:-1] / sigmas[1:]).max().item(), sigmas[-1].item()
-    b = torch.logspace(-4, 0, 4000, dtype=torch.float64)  # eps / sigma_L^2; needs gamma^2 a^2T < 1
+    b = torch.logspace(-4, 0, 4000, dtype=torch.float64)  # candidates for eps / sigma_L^2
     ratio = langevin_variance_ratio(b * sigma_min**2, steps, gamma, sigma_min)
-    ratio[gamma**2 * (1 - b) ** (2 * steps) >= 1] = math.inf
+    ratio[gamma**2 * (1 - b) ** (2 * steps) >= 1] = math.inf  # these chains diverge
     return (b[ratio.argmin()] * sigma_min**2).item()
 
 
@@ -282,8 +262,7 @@ def langevin_eps(sigmas, steps):
 # ----------------------------------------------------------------------------------------------
 
 def build(args, device):
-    """The score network (channels_last on a GPU: faster convolutions), its EMA copy, the optimiser
-    and the gradient scaler."""
+    """The score network (channels_last on a GPU: faster), its EMA, the optimiser, the scaler."""
     mult = tuple(int(m) for m in str(args.channel_mult).split(","))
     net = ScoreNet(args.width, mult, args.num_res_blocks, args.score_param).to(device)
     net = net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
@@ -360,8 +339,8 @@ def train(args):
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP checks it)
     train_images = common.load_images(args.data, args.data_root, "train")[:args.limit_train]
     test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
-    loader = common.DeviceLoader(train_images, args.batch_size // world, device, args.seed, rank,
-                                 world)
+    loader = common.DeviceLoader(train_images, args.batch_size // world, device, args.seed,
+                                 rank, world)
     net, ema, optimizer, scaler = build(args, device)
     model = torch.compile(net) if args.compile else net
     model = DistributedDataParallel(model) if world > 1 else model
@@ -400,12 +379,10 @@ def train(args):
             test = test_metrics(ema, test_images, sigmas, args, device, dtype)
             write_previews(ema, stats, run_dir, epoch, args, device, dtype)
             log(step, epoch=epoch, epoch_seconds=seconds, **test)
-            save_checkpoint(run_dir, args=vars(args), net=net.state_dict(),
-                            ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                            scaler=scaler.state_dict(), precision=str(dtype), epoch=epoch,
-                            step=step, state=stats)
-            print(f"epoch {epoch}/{args.epochs}: test DSM {test['test_dsm']:.2f}, "
-                  f"{seconds:.0f} s")
+            save_checkpoint(run_dir, args=vars(args), net=net.state_dict(), ema=ema.state_dict(),
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                            precision=str(dtype), epoch=epoch, step=step, state=stats)
+            print(f"epoch {epoch}/{args.epochs}: test DSM {test['test_dsm']:.2f}, {seconds:.0f} s")
         if world > 1:  # (if rank 0 failed above, torchrun stops the other processes)
             dist.barrier()
     if rank == 0:
@@ -415,14 +392,13 @@ def train(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Commands: sample, evaluate, inpaint
+# Commands: sample, evaluate
 # ----------------------------------------------------------------------------------------------
 
 def load_trained(run, args, device):
     """The run's EMA network, ready to sample, and its state (the data's mean and covariance)."""
     net, _, _, _ = build(args, device)
-    ckpt = load_checkpoint(run)
-    load_weights(net, ckpt["ema"], run)
+    ckpt = load_checkpoint(run, ema=net)
     return net.eval().requires_grad_(False), ckpt["state"]
 
 
@@ -452,7 +428,7 @@ SAMPLERS = {"ald": "annealed Langevin", "ode": "probability-flow ODE"}
 
 
 @torch.inference_mode()
-def draw_samples(net, stats, n, args, device, dtype, observed=None, mask=None, levels=None):
+def draw_samples(net, stats, n, args, device, dtype, levels=None):
     """(n samples (unclamped), network evaluations per sample) of --sampler in batches of
     --batch-size, each from a Gaussian start; levels: stop after that many levels, no denoising."""
     sigmas, steps, eps = sampler_levels(args)
@@ -460,10 +436,9 @@ def draw_samples(net, stats, n, args, device, dtype, observed=None, mask=None, l
     start = gaussian_start(stats, sigmas[0].item(), device)
     for i in range(0, n, args.batch_size):
         x = start(min(args.batch_size, n - i))
-        cut = (None, None) if mask is None else (observed[i:i + len(x)], mask[i:i + len(x)])
         with autocast(device, dtype):
             if args.sampler == "ald":
-                x = annealed_langevin(net, x, sigmas, steps, eps, denoise, *cut)
+                x = annealed_langevin(net, x, sigmas, steps, eps, denoise)
             else:
                 x = probability_flow(net, x, sigmas, denoise)
         out.append(x.float())
@@ -496,9 +471,9 @@ def evaluate(args):
     device, _, _ = setup_device(args)
     dtype, (net, stats) = amp_dtype(args, device), load_trained(args.eval, args, device)
     torch.manual_seed(args.seed)
-    start = time.perf_counter()
+    tick = time.perf_counter()
     x, nfe = draw_samples(net, stats, args.n, args, device, dtype)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - tick
     result = common.generative_metrics(x, args.data, args.data_root, args.fid_extractor,
                                        args.fid_weights, device)
     test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
@@ -509,52 +484,29 @@ def evaluate(args):
     print(json.dumps(result, indent=2))
 
 
-def inpaint(args):
-    """RUN/inpaint_right_half.png and inpaint_centre.png: test images, four completions each."""
-    if args.sampler == "ode":  # deterministic: re-noising the observed pixels would break its flow
-        raise UserError("--sampler ode cannot inpaint (it has no noise to condition with): use ald")
-    device, _, _ = setup_device(args)
-    net, stats = load_trained(args.inpaint, args, device)
-    torch.manual_seed(args.seed)
-    y = (common.load_images(args.data, args.data_root, "test")[:8].float() / 255).to(device)
-    for name, hidden in (("right_half", np.s_[..., 16:]), ("centre", np.s_[..., 8:24, 8:24])):
-        mask = torch.ones_like(y, dtype=torch.bool)  # True: observed
-        mask[hidden] = False
-        x, nfe = draw_samples(net, stats, 32, args, device, amp_dtype(args, device),
-                              y.repeat(4, 1, 1, 1), mask.repeat(4, 1, 1, 1))
-        rows = [("masked", torch.where(mask, y, 0.5)), ("original", y)]
-        rows[1:1] = [(f"completion {k + 1}", x[8 * k:8 * k + 8]) for k in range(4)]
-        common.save_rows(rows, Path(args.inpaint) / f"inpaint_{name}.png",
-                         title=f"inpainting: {SAMPLERS[args.sampler]}, {nfe} network evaluations")
-    print(f"wrote {args.inpaint}/inpaint_right_half.png and inpaint_centre.png")
-
-
 PRESETS = {  # what each paper fixes; a flag given on the command line wins
     "ncsnv2": dict(sigma_max=50.0, sigma_min=0.01, num_scales=232, steps_per_level=5,
                    step_eps=6.2e-6, lr=1e-4, ema=0.999, denoise=True, score_param="divide"),
     "ncsn2019": dict(sigma_max=1.0, sigma_min=0.01, num_scales=10, steps_per_level=100,
                      step_eps=2e-5, lr=1e-3, ema=0.0, denoise=False, score_param="embed")}
 RECIPE = dict(epochs=200, grad_clip=1.0)  # (the rest comes from --preset)
-COMMANDS = ("resume", "sample", "eval", "inpaint")  # the flags that name a run
+COMMANDS = ("resume", "sample", "eval")  # the flags that name a run
 
 
 def add_model_args(p):
     add = p.add_argument
-    add("--inpaint", metavar="RUN", help="fill in occluded test images (right half, centre square)")
     add("--preset", choices=PRESETS, default="ncsnv2", help="a paper's recipe: ncsnv2, ncsn2019")
     add("--width", type=positive_int, default=112, help="channels at 32x32 (112: 26.2M parameters)")
     add("--channel-mult", default="1,2,2,2", help="channel multipliers at 32, 16, 8, 4 pixels")
     add("--num-res-blocks", type=positive_int, default=2, help="residual blocks per resolution")
-    add("--score-param", choices=["divide", "unconditional", "embed"],
-        help="s = f(x, sigma) / sigma, f(x) / sigma (NCSNv2) or f(x, sigma) (NCSN 2019)")
+    add("--score-param", choices=["divide", "unconditional", "embed"], help="see ScoreNet")
     add("--sigma-max", type=positive_float, help="the largest noise level sigma_1")
     add("--sigma-min", type=positive_float, help="the smallest noise level sigma_L")
     add("--num-scales", type=positive_int, help="the number of noise levels L")
     add("--steps-per-level", type=positive_int, help="ald: Langevin steps T per level")
     add("--step-eps", type=positive_float, help="ald: eps of alpha_i = eps sigma_i^2 / sigma_L^2")
     add("--denoise", action=argparse.BooleanOptionalAction, help="the final denoising step")
-    add("--sampler", choices=SAMPLERS, default="ald",
-        help="ald: annealed Langevin (NCSN); ode: the probability-flow ODE (Song et al. 2021)")
+    add("--sampler", choices=SAMPLERS, default="ald", help=str(SAMPLERS))
     add("--nfe", type=positive_int, help="network evaluations a sample (default: every level)")
 
 
@@ -570,11 +522,9 @@ def check_model_args(args, error):
         error(f"the noise anneals from --sigma-max down to --sigma-min over --num-scales >= 2 "
               f"levels; got {args.sigma_max:g}, {args.sigma_min:g}, {args.num_scales}")
     levels = len(sampler_levels(args)[0]) if args.nfe else args.num_scales
-    if levels < 2:
-        error(f"--nfe {args.nfe} is too few for --sampler {args.sampler}: it needs two levels")
-    if levels > args.num_scales and args.score_param == "embed":
-        error(f"--nfe {args.nfe} needs more levels than the {args.num_scales} this 'embed' network "
-              "knows (it has not learned the sigmas between them): use a smaller --nfe")
+    if levels < 2 or levels > args.num_scales and args.score_param == "embed":
+        error(f"--nfe {args.nfe}: --sampler {args.sampler} needs two levels at least, and at most "
+              f"the {args.num_scales} an 'embed' network knows (it has not learned the others)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,10 +552,9 @@ def parse_args(argv=None):
     add("--limit-train", type=positive_int, help="use only the first N training images")
     add("--limit-test", type=positive_int, help="use only the first N test images")
     add("--log-every", type=positive_int, default=50, help="steps between host-synced logs")
-    add("--ema", type=float, help="decay of the weights' moving average that samples (0: none)")
+    add("--ema", type=decay, help="decay of the weights' moving average that samples (0: none)")
     add("--grad-clip", type=non_negative_float, help="clip the gradient's norm to this (0: off)")
-    add("--max-bad-steps", type=positive_int, default=50,
-        help="divergence signs in a row that stop training (EBM: roll it back)")
+    add("--max-bad-steps", type=positive_int, default=50, help="bad steps in a row that stop a run")
     add("--resume", metavar="RUN", help="continue the run in this folder (--epochs N extends it)")
     add("--sample", metavar="RUN", help="write --n samples to RUN/samples.png and samples.npz")
     add("--eval", metavar="RUN", help="FID / IS / KID of --n samples and the model's own metrics")
@@ -617,16 +566,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if run := next((getattr(args, c) for c in COMMANDS if getattr(args, c)), None):
         try:
-            config = json.loads((Path(run) / "config.json").read_text())["args"]
-        except FileNotFoundError:
-            raise UserError(f"{run} is not a run folder (no config.json)") from None
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"{run}/config.json is damaged (not this project's JSON)") from None
-        p.set_defaults(**{k: v for k, v in config.items() if k not in COMMANDS})
+            saved = json.loads((Path(run) / "config.json").read_text())["args"]
+            p.set_defaults(**{k: v for k, v in saved.items() if k not in COMMANDS})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{run} is not a run folder (no readable config.json)") from None
         args = p.parse_args(argv)
     check_model_args(args, p.error)
-    if not 0 <= args.ema < 1:
-        p.error(f"--ema must be in [0, 1), got {args.ema}")
     if args.track and importlib.util.find_spec("wandb") is None:
         p.error("--track needs wandb: pip install wandb")
     return args
@@ -635,18 +580,17 @@ def parse_args(argv=None):
 def setup_device(args):
     """(device, rank, world size). Under torchrun every process joins the group with its own GPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
-             "cpu": True}
-    name = next(n for n in found if found[n]) if args.device == "auto" else args.device
-    if not found[name]:
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    name = next((n for n in found if found[n]), "cpu") if args.device == "auto" else args.device
+    if not found.get(name, True):
         raise UserError(f"--device {name}: not available on this machine")
     device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0)) if name == "cuda" else None)
     if name == "cuda":  # (TF32 stays off: what runs in float32 is meant to)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN may pick its fastest kernels
     if world > 1:
-        cuda = name == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group("nccl" if name == "cuda" else "gloo",
+                                device_id=device if name == "cuda" else None)
     return device, rank, world
 
 
@@ -654,8 +598,8 @@ def amp_dtype(args, device):
     """The autocast precision (None: float32): bf16 on GPUs built for it (compute capability 8+),
     float16 on T4 and V100 (7.x: bf16 would be emulated), float32 on older GPUs and elsewhere."""
     capability = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
-    return None if not args.amp or capability < 7 else torch.bfloat16 if capability >= 8 else \
-        torch.float16
+    return None if not args.amp or capability < 7 else \
+        torch.bfloat16 if capability >= 8 else torch.float16
 
 
 def autocast(device, dtype):
@@ -663,9 +607,8 @@ def autocast(device, dtype):
 
 
 def grad_scaler(device, dtype):
-    """On in every precision: its step() skips an update whose gradients are not finite (without
-    waiting for the host, given a fused optimiser). Under float16 it also scales the loss up so that
-    small gradients do not round to zero; elsewhere its scale starts at 1 and never grows."""
+    """Its step() skips an update whose gradients are not finite; under float16 it also scales the
+    loss so that small gradients do not round to zero (elsewhere its scale stays 1)."""
     fp16 = dtype == torch.float16
     return torch.amp.GradScaler(device.type, init_scale=2.0**16 if fp16 else 1.0,
                                 growth_interval=2000 if fp16 else 2**31 - 1)
@@ -686,14 +629,13 @@ LOCKS = {}  # run folder -> its lock file, held open while this process writes t
 
 
 def open_run(args, step):
-    """The run folder (new, or the one resumed) with config.json and its log, locked to one writer
-    (RUN/lock names it). The system drops the lock when its process ends, however it ends: a killed
-    run leaves nothing that blocks --resume. Rank 0 only."""
+    """The run folder (new, or resumed) with config.json and its log, locked to one writer: RUN/lock
+    names its process, and the lock dies with it, so a killed run never blocks --resume."""
     run_dir = Path(args.resume) if args.resume else new_run_dir(args)
-    if run_dir.resolve() in LOCKS:  # this process wrote the run before (a notebook, the tests)
-        LOCKS.pop(run_dir.resolve()).close()
+    if old := LOCKS.pop(run_dir.resolve(), None):  # this process wrote the run before (a notebook)
+        old.close()
     lock = LOCKS[run_dir.resolve()] = open(run_dir / "lock", "a+")
-    with contextlib.suppress(ImportError):  # fcntl: Unix and macOS (elsewhere, no lock)
+    with contextlib.suppress(ImportError):
         import fcntl
 
         try:
@@ -703,10 +645,10 @@ def open_run(args, step):
             raise UserError(f"{run_dir} is being written by process {lock.read().strip()}: one "
                             "writer at a time") from None
     lock.truncate(0), lock.write(f"{os.getpid()}\n"), lock.flush()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
-                            capture_output=True).stdout.strip() if shutil.which("git") else ""
-    config = {"args": vars(args), "torch": torch.__version__, "git_commit": commit or None,
-              "command": sys.argv}
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
+                         capture_output=True) if shutil.which("git") else None
+    config = {"args": vars(args), "torch": torch.__version__, "command": sys.argv,
+              "git_commit": git.stdout.strip() or None if git else None}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     (run_dir / "checkpoint.pt.tmp").unlink(missing_ok=True)  # what a crash during a save left
     return run_dir, Log(run_dir, args, step)
@@ -719,16 +661,15 @@ class Log:
     def __init__(self, run_dir, args, step):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path, self.wandb = run_dir / "metrics.jsonl", None
+        self.path, self.wandb = run_dir / "metrics.jsonl", None  # wandb: only with --track
         if step and self.path.exists():
             rows = [json.loads(r) for r in self.path.read_text().splitlines() if r.endswith("}")]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
         self.tensorboard = SummaryWriter(run_dir, purge_step=step + 1 if step else None)
-        if args.track:
-            import wandb
-
-            self.wandb = wandb.init(project="cifar10-generative", name=run_dir.name,
-                                    id=run_dir.name, resume="allow", config=vars(args))
+        if args.track:  # (the run folder's name is its id: a resumed run continues its curves)
+            self.wandb = importlib.import_module("wandb").init(
+                project="cifar10-generative", name=run_dir.name, id=run_dir.name, resume="allow",
+                config=vars(args))
 
     def __call__(self, step, **row):
         with open(self.path, "a") as f:
@@ -748,8 +689,7 @@ class Log:
 
 
 def save_checkpoint(run_dir, **state):
-    """checkpoint.pt, atomically: written to a temporary file, flushed to disk, then renamed over
-    the old one, so that a crash during a save never destroys the last good checkpoint."""
+    """checkpoint.pt, atomically (a temporary file, flushed, renamed): a crash never destroys it."""
     with open(run_dir / "checkpoint.pt.tmp", "wb") as f:
         torch.save({"model": MODEL, **state}, f)
         f.flush()
@@ -757,8 +697,8 @@ def save_checkpoint(run_dir, **state):
     os.replace(run_dir / "checkpoint.pt.tmp", run_dir / "checkpoint.pt")
 
 
-def load_checkpoint(run):
-    """RUN/checkpoint.pt, read with weights_only=True: pickled code is refused, not run."""
+def load_checkpoint(run, **modules):
+    """RUN/checkpoint.pt (weights_only: pickled code is refused, not run) into modules (net=...)."""
     path = Path(run) / "checkpoint.pt"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -773,6 +713,12 @@ def load_checkpoint(run):
     needed = {"args", "net", "ema", "optimizer", "scaler", "precision", "epoch", "step", "state"}
     if missing := needed - {*ckpt}:
         raise UserError(f"{path} is an incomplete checkpoint (no {', '.join(sorted(missing))})")
+    try:
+        for key, module in modules.items():
+            module.load_state_dict(ckpt[key])
+    except RuntimeError:
+        raise UserError(f"{run} holds a network of another width or architecture (its config.json "
+                        "says which)") from None
     return ckpt
 
 
@@ -780,12 +726,10 @@ def resume(args, net, ema, optimizer, scaler):
     """Load RUN/checkpoint.pt into the model; returns (epoch, step, the model's own state). No
     random state is saved: every epoch reseeds from (seed, rank, epoch), so resuming at an epoch
     boundary draws the same noise. A run may move between GPUs, precisions and the CPU."""
-    ckpt = load_checkpoint(args.resume)
+    ckpt = load_checkpoint(args.resume, net=net, ema=ema)
     if ckpt["epoch"] >= args.epochs:
         raise UserError(f"{args.resume} already has {ckpt['epoch']} epochs: pass --epochs N with "
                         f"N > {ckpt['epoch']}")
-    load_weights(net, ckpt["net"], args.resume)
-    load_weights(ema, ckpt["ema"], args.resume)
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["precision"] == str(amp_dtype(args, next(net.parameters()).device)):
         scaler.load_state_dict(ckpt["scaler"])  # (in another precision the scaler starts afresh)
@@ -799,17 +743,9 @@ def resume(args, net, ema, optimizer, scaler):
     return ckpt["epoch"], ckpt["step"], ckpt["state"]
 
 
-def load_weights(module, state_dict, run):
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError:
-        raise UserError(f"{run} holds a network of another width or architecture (its config.json "
-                        "says which)") from None
-
-
 def main(argv=None):
     args = parse_args(argv)
-    for command, run in (("sample", sample), ("eval", evaluate), ("inpaint", inpaint)):
+    for command, run in (("sample", sample), ("eval", evaluate)):
         if getattr(args, command):
             return run(args)
     return train(args)

@@ -3,8 +3,8 @@
     python vae.py --epochs 200                      # the headline run, one GPU
     python vae.py --eval runs/RUN                   # ELBO and IWAE bits/dim, then FID / IS / KID
     python vae.py --sample runs/RUN --n 64          # new images (--temperature 0.7: smoother)
-    python vae.py --interpolate runs/RUN            # walks in latent space between test images
     python vae.py --preset aasae                    # AASAE: no KL, augmented encoder input (Eq. 6)
+    python experiments/vae_interpolate.py runs/RUN  # walks in latent space between test images
     torchrun --standalone --nproc_per_node=8 vae.py --epochs 200
 
 The model (Kingma & Welling 2014, https://arxiv.org/abs/1312.6114; Rezende et al. 2014). A latent z
@@ -23,21 +23,19 @@ apart, and each subpixel gets the mass a mixture of logistics puts in its bin (S
 
     P(x) = sum_k pi_k [ S((x + 1/255 - mu_k) / s_k) - S((x - 1/255 - mu_k) / s_k) ]           (3)
 
-The bins of -1 and +1 are open to -inf and +inf, so the 256 masses sum to 1. R, G and B share the
-component k, and the means of G and B move with the values of R and G: mu_G = mu_Gk + alpha_k R,
-mu_B = mu_Bk + beta_k R + gamma_k G. Pixels are independent given z: every correlation between
-pixels travels through z. Bits per dimension: -log2 P(x) / D, D = 3072 (uniform P: exactly 8).
--ELBO bounds it from above, reported as distortion (-E_q log p(x|z)) plus rate (KL). A tighter
-bound (IWAE, Burda et al. 2016, https://arxiv.org/abs/1509.00519), with z_k ~ q(z|x):
+The edge bins are open (to -inf below -1, to +inf above +1): the 256 masses sum to 1. R, G and B
+share k, and the means of G and B move with the values of R and G: mu_G = mu_Gk + alpha_k R, mu_B =
+mu_Bk + beta_k R + gamma_k G. Given z the pixels are independent: z carries all their correlation.
+Bits/dim = -log2 P(x) / 3072 (uniform P: exactly 8), bounded from above by -ELBO (distortion plus
+rate) and more tightly by IWAE (Burda et al. 2016, https://arxiv.org/abs/1509.00519), z_k ~ q(z|x):
 
     log p(x) >= E[ log 1/K sum_k p(x|z_k) p(z_k) / q(z_k|x) ] = L_K,  ELBO = L_1 <= L_K         (4)
 
-L_K -> log p(x) as K grows; --eval reports it with K = --iw-samples (100; papers use 1000+).
-
-Posterior collapse: early on the KL pulls q(z|x) onto the prior before the decoder uses z. Two
-fixes, in training only: KL warm-up (Bowman et al. 2016) scales the KL by beta, from 0 to 1 over
---kl-warmup epochs; free bits (Kingma et al. 2016, IAF, Eq. 15) stop penalising a group j of
-latents (a channel map) while its batch-average KL is below lambda:
+L_K -> log p(x) as K grows (--eval: K = --iw-samples, 100; papers use 1000+). Posterior collapse:
+early on the KL pulls q(z|x) onto the prior before the decoder uses z. Two fixes, in training only:
+KL warm-up (Bowman et al. 2016) scales the KL by beta, from 0 to 1 over --kl-warmup epochs; free
+bits (Kingma et al. 2016, IAF, Eq. 15) stop penalising a group j of latents (a channel map) while
+its batch-average KL is below lambda:
 
     L = E_q[log p(x|z)] - beta * sum_j max(lambda, E_batch KL_j)                               (5)
 
@@ -47,12 +45,12 @@ random view t(x) (crop, flip, colour jitter, grayscale: SimCLR's), while the dec
 
     L_beta = E_t E_q(z|t(x)) [log p(x|z)] - beta KL(q(z|t(x)) || p(z))                         (6)
 
---preset aasae is beta = 0: to rebuild x from any view, the code must keep what survives a crop
+At beta = 0 (--preset aasae), to rebuild x from any view the code must keep what survives a crop
 and a colour change, roughly what a class is (experiments/vae_probe.py measures it). Eq. (1) holds
 for every q, so q(z|t(x)) still bounds log p(x); but a run with beta != 1 did not minimise the
-bound (at beta = 0 the rate grows freely): it reports distortion and rate, not bits/dim. The field
-went on to hierarchies of latents (NVAE 2.91, VDVAE 2.87 bits/dim); from VDVAE we take its
-stabiliser, bounding an update whose gradient norm is an outlier.
+bound (at beta = 0 the rate grows freely): it reports distortion and rate, not bits/dim. Later VAEs
+stack latents (NVAE 2.91, VDVAE 2.87 bits/dim); from VDVAE we take its stabiliser, bounding an
+update whose gradient norm is an outlier.
 """
 
 import argparse
@@ -77,7 +75,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import common
-from common import UserError, non_negative_float, positive_float, positive_int, run_name
+from common import UserError, decay, non_negative_float, positive_float, positive_int, run_name
 
 MODEL = "vae"
 
@@ -205,9 +203,9 @@ def iwae_logp(net, x, k, chunk=25):
         z = mu + (0.5 * logvar).exp() * torch.randn(n, *mu.shape, device=mu.device)  # (n, B, ...)
         params = net.decode(z.flatten(0, 1))
         log_px_z = discretized_logistic_mixture_logp(x.repeat(n, 1, 1, 1), params, net.mixtures)
-        log_px_z = log_px_z.sum((1, 2))
         log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum((2, 3, 4))  # (n, B)
-        log_w.append(log_px_z.view(n, -1) + log_pz - log_normal(z, mu, logvar).sum((2, 3, 4)))
+        log_qz = log_normal(z, mu, logvar).sum((2, 3, 4))
+        log_w.append(log_px_z.sum((1, 2)).view(n, -1) + log_pz - log_qz)
     return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)  # the weights span 1000s of nats
 
 
@@ -234,79 +232,17 @@ def sample_mixture(params, mixtures):
 def mixture_mean(params, mixtures):
     """E[x|z] (B, 3, H, W) in [-1, 1]: a smooth picture of what z encodes (no pixel noise)."""
     logits, means, _, coeffs = split_mixture_params(params, mixtures)
-    r = means[:, 0]
+    r, weights = means[:, 0], torch.softmax(logits, dim=1)
     g = means[:, 1] + coeffs[:, 0] * r
     b = means[:, 2] + coeffs[:, 1] * r + coeffs[:, 2] * g
-    weights = torch.softmax(logits, dim=1)
     return torch.stack([(weights * c).sum(1) for c in (r, g, b)], dim=1).clamp(-1, 1)
 
 
 @torch.inference_mode()
 def decode_images(net, z, drawn=True):
     """Images in [0, 1] for latents z (B, C, s, s): samples of p(x|z), or with drawn=False the means
-    E[x|z] (what the interpolations show)."""
+    E[x|z] (what the reconstructions show)."""
     return ((sample_mixture if drawn else mixture_mean)(net.decode(z), net.mixtures) + 1) / 2
-
-
-# ----------------------------------------------------------------------------------------------
-# The encoder's view in AASAE: SimCLR's augmentations, on whole batches on the device
-# ----------------------------------------------------------------------------------------------
-# AASAE's CIFAR-10 setting (Lightning-Universe/paper-AAVAE, src/transforms/transforms.py): a random
-# resized crop (area 0.08-1, aspect 3/4-4/3), flip p = 0.5, ColorJitter(0.4, 0.4, 0.4, 0.1) with
-# p = 0.8, grayscale p = 0.2, no blur. The jitter's order is fixed here (torchvision draws it).
-LUMA = (0.2989, 0.587, 0.114)  # torchvision's grayscale weights
-
-
-def grayscale(x):
-    return sum(w * c for w, c in zip(LUMA, x.unbind(1))).unsqueeze(1)  # (B, 1, H, W)
-
-
-def shift_hue(x, turns):
-    """Rotate each image's hue by `turns` of the colour circle, as torchvision's adjust_hue: the max
-    and min of R, G, B stay, the hue h (in sixths) moves, and HSV -> RGB rebuilds the pixel as
-    c_n = max - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6, n = 5, 3, 1."""
-    r, g, b = x.unbind(1)
-    high, low = x.amax(1), x.amin(1)
-    chroma = high - low
-    c = chroma.clamp(min=1e-12)  # grey pixels (chroma 0) have no hue, and keep their value
-    hue = torch.where(high == r, (g - b) / c,
-                      torch.where(high == g, (b - r) / c + 2, (r - g) / c + 4))
-    hue = (hue + 6 * turns.view(-1, 1, 1)) % 6
-    k = (torch.arange(5.0, 0, -2, device=x.device).view(1, 3, 1, 1) + hue.unsqueeze(1)) % 6
-    return high.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
-
-
-def resized_crop(x, width, height, centre_x, centre_y, flip):
-    """Crop each image to a box (sizes as fractions of the image, centre in [-1, 1]) and resize it
-    back, mirrored where flip is -1: one grid_sample whose grid maps output pixels into the box."""
-    theta = torch.zeros(len(x), 2, 3, device=x.device)
-    theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
-    theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def colour_jitter(x, brightness, contrast, saturation, hue):
-    """torchvision's adjust_brightness, _contrast, _saturation and _hue, a factor per image (B,)."""
-    factor = lambda f: f.view(-1, 1, 1, 1)  # noqa: E731
-    x = (factor(brightness) * x).clamp(0, 1)
-    mean = grayscale(x).mean((1, 2, 3), keepdim=True)
-    x = (mean + factor(contrast) * (x - mean)).clamp(0, 1)
-    return shift_hue((grayscale(x) + factor(saturation) * (x - grayscale(x))).clamp(0, 1), hue)
-
-
-def augment(x):
-    """A random SimCLR view of each image of x (B, 3, H, W) in [0, 1]. Draws come from the global
-    generator, which each epoch reseeds: a resumed run replays the same views."""
-    u = lambda: torch.rand(len(x), device=x.device)  # noqa: E731  one U(0, 1) per image
-    area, ratio = 0.08 + 0.92 * u(), torch.exp(math.log(3 / 4) + math.log(16 / 9) * u())
-    # a box larger than the image is shrunk to fit (torchvision draws again, then centre-crops)
-    width, height = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
-    x = resized_crop(x, width, height, (1 - width) * (2 * u() - 1), (1 - height) * (2 * u() - 1),
-                     torch.where(u() < 0.5, -1.0, 1.0))
-    jittered = colour_jitter(x, *(1 + 0.4 * (2 * u() - 1) for _ in range(3)), 0.1 * (2 * u() - 1))
-    x = torch.where(u().view(-1, 1, 1, 1) < 0.8, jittered, x)
-    return torch.where(u().view(-1, 1, 1, 1) < 0.2, grayscale(x).expand_as(x), x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,21 +250,19 @@ def augment(x):
 # ----------------------------------------------------------------------------------------------
 
 def build(args, device):
-    """The VAE (channels_last on a GPU: faster convolutions), its EMA copy, the optimiser and the
-    gradient scaler."""
+    """The VAE (channels_last on a GPU: faster convolutions), its EMA copy, AdamW and the scaler."""
     net = VAE(args.width, args.blocks, args.latent_channels, args.latent_size, args.mixtures)
-    net = net.to(device)
-    net = net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+    net = net.to(device, memory_format=torch.channels_last if device.type == "cuda" else None)
     ema = copy.deepcopy(net).requires_grad_(False)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW(net.parameters(), args.lr, weight_decay=args.weight_decay,
                                   fused=True)
     return net, ema, optimizer, grad_scaler(device, amp_dtype(args, device))
 
 
 @torch.no_grad()  # the average is not part of any graph (under autograd it would grow every step)
 def update_ema(ema, net, decay, step):
-    """ema <- d ema + (1 - d) net with d = min(decay, (1 + step) / (10 + step)): early on the
-    average forgets its random start quickly."""
+    """ema <- d ema + (1 - d) net, d = min(decay, (1 + step) / (10 + step)): the average forgets its
+    random start quickly."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), net.parameters()):
         e.lerp_(p, 1 - d)
@@ -356,16 +290,16 @@ def train_step(model, net, optimizer, scaler, x, beta, args, state, dtype):
     # VDVAE skips an update whose gradient norm is an outlier; here it is clipped to --skip-factor
     # times the running average of norms: the same bound, and float16's loss scale stays as it is
     average = state["grad_norm_avg"]
-    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), (args.skip_factor * average).clamp(
-        max=args.grad_clip or math.inf))
+    bound = args.skip_factor * average  # a norm beyond it is an outlier
+    max_norm = bound.clamp(max=args.grad_clip or math.inf)  # (--grad-clip: a fixed cap as well)
+    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), max_norm)
     scaler.step(optimizer)  # skipped if a gradient is not finite
     scaler.update()
-    outlier = grad_norm > args.skip_factor * average
     # the running average enters an outlier capped, so that a lasting change of scale is accepted
-    updated = torch.where(average.isinf(), grad_norm, 0.99 * average + 0.01 * grad_norm.clamp(
-        max=args.skip_factor * average))
+    capped = 0.99 * average + 0.01 * grad_norm.clamp(max=bound)
+    updated = torch.where(average.isinf(), grad_norm, capped)
     state["grad_norm_avg"] = torch.where(grad_norm.isfinite(), updated, average)
-    state["clipped_outliers"] += outlier
+    state["clipped_outliers"] += grad_norm > bound
     distortion, rate = bits_per_dim(log_px_z.detach(), kl.detach())
     return {"loss": loss.detach(), "distortion_bpd": distortion, "rate_bpd": rate,
             "grad_norm": grad_norm}, ~torch.isfinite(loss)
@@ -452,8 +386,7 @@ def train(args):
                 group["lr"] = lr
             logs, bad = train_step(model, net, optimizer, scaler, x, beta, args, state, dtype)
             update_ema(ema, net, args.ema, step)
-            step += 1
-            streak = (streak + 1) * bad
+            step, streak = step + 1, (streak + 1) * bad
             worst = torch.maximum(worst, streak)
             if step % args.log_every == 0 or i == len(loader) - 1:  # the only host syncs
                 if worst.item() >= args.max_bad_steps:
@@ -469,10 +402,9 @@ def train(args):
             test = test_metrics(ema, test_images, args, device, dtype)
             write_previews(ema, run_dir, epoch, args, device, dtype, test_images)
             log(step, epoch=epoch, epoch_seconds=seconds, **test)
-            save_checkpoint(run_dir, args=vars(args), net=net.state_dict(),
-                            ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                            scaler=scaler.state_dict(), precision=str(dtype), epoch=epoch,
-                            step=step, state=state)
+            save_checkpoint(run_dir, args=vars(args), net=net.state_dict(), ema=ema.state_dict(),
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                            precision=str(dtype), epoch=epoch, step=step, state=state)
             print(f"epoch {epoch}/{args.epochs}: test {describe(test, args)} ({seconds:.0f} s)")
         if world > 1:  # (if rank 0 failed above, torchrun stops the other processes)
             dist.barrier()
@@ -494,20 +426,78 @@ def describe(result, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Commands: sample, evaluate, interpolate
+# AASAE's view t(x) for the encoder (Eq. 6): SimCLR's augmentations, whole batches on the device
+# ----------------------------------------------------------------------------------------------
+# AASAE's CIFAR-10 setting (Lightning-Universe/paper-AAVAE, src/transforms/transforms.py): a random
+# resized crop (area 0.08-1, aspect 3/4-4/3), flip p = 0.5, ColorJitter(0.4, 0.4, 0.4, 0.1) with
+# p = 0.8, grayscale p = 0.2, no blur. The jitter's order is fixed here (torchvision draws it).
+
+def grayscale(x):
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)  # torchvision's weights: (B, 1, H, W)
+
+
+def shift_hue(x, turns):
+    """Rotate each image's hue by `turns` of the colour circle, as torchvision's adjust_hue: the max
+    and min of R, G, B stay, the hue h (in sixths) moves, and HSV -> RGB rebuilds the pixel as
+    c_n = max - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6, n = 5, 3, 1."""
+    (r, g, b), high = x.unbind(1), x.amax(1)
+    chroma = high - x.amin(1)
+    c = chroma.clamp(min=1e-12)  # grey pixels (chroma 0) have no hue, and keep their value
+    hue = torch.where(high == r, (g - b) / c,
+                      torch.where(high == g, (b - r) / c + 2, (r - g) / c + 4))
+    hue = (hue + 6 * turns.view(-1, 1, 1)) % 6
+    k = (torch.arange(5.0, 0, -2, device=x.device).view(1, 3, 1, 1) + hue.unsqueeze(1)) % 6
+    return high.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def resized_crop(x, width, height, centre_x, centre_y, flip):
+    """Crop each image to a box (sizes as fractions of the image, centre in [-1, 1]) and resize it
+    back, mirrored where flip is -1: one grid_sample whose grid maps output pixels into the box."""
+    zero = torch.zeros_like(width)
+    theta = torch.stack([width * flip, zero, centre_x, zero, height, centre_y], 1).view(-1, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def colour_jitter(x, brightness, contrast, saturation, hue):
+    """torchvision's adjust_brightness, _contrast, _saturation and _hue, a factor per image (B,)."""
+    factor = lambda f: f.view(-1, 1, 1, 1)  # noqa: E731
+    x = (factor(brightness) * x).clamp(0, 1)
+    mean = grayscale(x).mean((1, 2, 3), keepdim=True)
+    x = (mean + factor(contrast) * (x - mean)).clamp(0, 1)
+    return shift_hue((grayscale(x) + factor(saturation) * (x - grayscale(x))).clamp(0, 1), hue)
+
+
+def augment(x):
+    """A random SimCLR view of each image of x (B, 3, H, W) in [0, 1]. Draws come from the global
+    generator, which each epoch reseeds: a resumed run replays the same views."""
+    u = lambda: torch.rand(len(x), device=x.device)  # noqa: E731  one U(0, 1) per image
+    area, ratio = 0.08 + 0.92 * u(), torch.exp(math.log(3 / 4) + math.log(16 / 9) * u())
+    # a box larger than the image is shrunk to fit (torchvision draws again, then centre-crops)
+    width, height = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
+    x = resized_crop(x, width, height, (1 - width) * (2 * u() - 1), (1 - height) * (2 * u() - 1),
+                     torch.where(u() < 0.5, -1.0, 1.0))
+    jittered = colour_jitter(x, *(1 + 0.4 * (2 * u() - 1) for _ in range(3)), 0.1 * (2 * u() - 1))
+    x = torch.where(u().view(-1, 1, 1, 1) < 0.8, jittered, x)
+    return torch.where(u().view(-1, 1, 1, 1) < 0.2, grayscale(x).expand_as(x), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands: sample, evaluate (experiments/vae_interpolate.py and vae_probe.py analyse a run)
 # ----------------------------------------------------------------------------------------------
 
 def load_trained(run, args, device):
     """The run's EMA network, ready to sample, and its state (the outlier rule's statistics)."""
     net, _, _, _ = build(args, device)
-    ckpt = load_checkpoint(run)
-    load_weights(net, ckpt["ema"], run)
+    ckpt = load_checkpoint(run, ema=net)
     return net.eval().requires_grad_(False), ckpt["state"]
 
 
 def draw_samples(net, n, args, device, dtype, drawn=True):
-    """n decoded prior draws z ~ N(0, T^2 I) (T: --temperature), float in [0, 1] on the CPU, in
-    batches of --batch-size: samples of p(x|z), or with drawn=False their means E[x|z]."""
+    """n decoded prior draws z ~ N(0, T^2 I) (T: --temperature, the z from --seed), float in [0, 1]
+    on the CPU, in batches of --batch-size: samples of p(x|z), or with drawn=False their means."""
+    torch.manual_seed(args.seed)  # the same z for the samples and for their means
     out = []
     for start in range(0, n, args.batch_size):
         z = args.temperature * torch.randn(min(args.batch_size, n - start), net.latent_channels,
@@ -522,10 +512,7 @@ def sample(args):
     E[x|z] of the same z."""
     device, _, _ = setup_device(args)
     dtype, (net, _) = amp_dtype(args, device), load_trained(args.sample, args, device)
-    torch.manual_seed(args.seed)
-    drawn = draw_samples(net, args.n, args, device, dtype)
-    torch.manual_seed(args.seed)
-    means = draw_samples(net, args.n, args, device, dtype, drawn=False)  # the same z
+    drawn, means = [draw_samples(net, args.n, args, device, dtype, d) for d in (True, False)]
     run = Path(args.sample)
     common.save_grid(drawn[:256], run / "samples.png", caption=f"samples of p(x|z), z ~ N(0, "
                      f"{args.temperature:g}^2 I): one decoder evaluation each")
@@ -544,17 +531,13 @@ def evaluate(args):
     result = test_metrics(net, test_images, args, device, dtype, iw_samples)
     if not iw_samples:
         result["bits_per_dim"] = NO_BOUND.format(args.kl_weight)
-    def metrics(x):
-        return common.generative_metrics(x, args.data, args.data_root, args.fid_extractor,
-                                         args.fid_weights, device)
-
-    torch.manual_seed(args.seed)
     start = time.perf_counter()
-    result.update(metrics(draw_samples(net, args.n, args, device, dtype)), n_test=len(test_images),
-                  sampling_seconds_per_1000=1000 * (time.perf_counter() - start) / args.n,
-                  nfe_per_sample=1, temperature=args.temperature)
-    torch.manual_seed(args.seed)
-    means = metrics(draw_samples(net, args.n, args, device, dtype, drawn=False))
+    drawn = draw_samples(net, args.n, args, device, dtype)
+    seconds = time.perf_counter() - start
+    fid = (args.data, args.data_root, args.fid_extractor, args.fid_weights, device)
+    result.update(common.generative_metrics(drawn, *fid), n_test=len(test_images), nfe_per_sample=1,
+                  sampling_seconds_per_1000=1000 * seconds / args.n, temperature=args.temperature)
+    means = common.generative_metrics(draw_samples(net, args.n, args, device, dtype, False), *fid)
     result.update({f"means_{k}": means[k] for k in ("fid", "is_mean", "kid_mean")})
     (Path(args.eval) / "eval.json").write_text(json.dumps(result, indent=2))
     iwae = f", IWAE (K = {iw_samples}) {result['test_iwae_bpd']:.4f}" if iw_samples else ""
@@ -563,39 +546,15 @@ def evaluate(args):
           f"{result['n_samples']} each ({args.fid_extractor}): {args.eval}/eval.json")
 
 
-@torch.inference_mode()
-def interpolate(args, pairs=6, steps=8):
-    """RUN/interpolations.png: the means E[x|z] along straight lines between the posterior means of
-    pairs of test images."""
-    device, _, _ = setup_device(args)
-    net, _ = load_trained(args.interpolate, args, device)
-    test_images = common.load_images(args.data, args.data_root, "test")
-    if len(test_images) < 2:
-        raise UserError("--interpolate needs at least 2 test images")
-    pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(args.seed))
-    rows = []
-    for i in range(min(pairs, len(pick) // 2)):
-        ends = test_images[pick[2 * i:2 * i + 2]].to(device).float() / 255  # (2, 3, 32, 32)
-        with autocast(device, amp_dtype(args, device)):
-            mu = net.encode(ends * 2 - 1)[0]
-            t = torch.linspace(0, 1, steps, device=device).view(-1, 1, 1, 1)
-            between = decode_images(net, (1 - t) * mu[0] + t * mu[1], drawn=False)
-        rows.append((f"pair {i + 1}", torch.cat([ends[:1], between.float(), ends[1:]])))
-    common.save_rows(rows, Path(args.interpolate) / "interpolations.png",
-                     title="test image, means E[x|z] between the posterior means, test image")
-    print(f"interpolations written to {args.interpolate}/interpolations.png")
-
-
 PRESETS = {  # the objective each paper fixes; a flag given on the command line wins
     "vae": dict(kl_weight=1.0, augment=False, kl_warmup=5.0, free_bits=0.05),
     "aasae": dict(kl_weight=0.0, augment=True, kl_warmup=0.0, free_bits=0.0)}  # AASAE's README
 RECIPE = dict(epochs=200, lr=5e-4, ema=0.999, grad_clip=20.0)
-COMMANDS = ("resume", "sample", "eval", "interpolate")  # the flags that name a run
+COMMANDS = ("resume", "sample", "eval")  # the flags that name a run
 
 
 def add_model_args(p):
     add = p.add_argument
-    add("--interpolate", metavar="RUN", help="latent interpolations between test images of RUN")
     add("--temperature", type=positive_float, default=1.0, help="the prior's std when sampling")
     add("--iw-samples", type=positive_int, default=100, help="K of the IWAE bound in --eval")
     add("--width", type=positive_int, default=128, help="channels at 32x32 (2x that below)")
@@ -645,10 +604,9 @@ def parse_args(argv=None):
     add("--limit-train", type=positive_int, help="use only the first N training images")
     add("--limit-test", type=positive_int, help="use only the first N test images")
     add("--log-every", type=positive_int, default=50, help="steps between host-synced logs")
-    add("--ema", type=float, help="decay of the weights' moving average that samples (0: none)")
+    add("--ema", type=decay, help="decay of the weights' moving average that samples (0: none)")
     add("--grad-clip", type=non_negative_float, help="clip the gradient's norm to this (0: off)")
-    add("--max-bad-steps", type=positive_int, default=50,
-        help="divergence signs in a row that stop training (EBM: roll it back)")
+    add("--max-bad-steps", type=positive_int, default=50, help="bad steps in a row that stop a run")
     add("--resume", metavar="RUN", help="continue the run in this folder (--epochs N extends it)")
     add("--sample", metavar="RUN", help="write --n samples to RUN/samples.png and samples.npz")
     add("--eval", metavar="RUN", help="FID / IS / KID of --n samples and the model's own metrics")
@@ -660,16 +618,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if run := next((getattr(args, c) for c in COMMANDS if getattr(args, c)), None):
         try:
-            config = json.loads((Path(run) / "config.json").read_text())["args"]
-        except FileNotFoundError:
-            raise UserError(f"{run} is not a run folder (no config.json)") from None
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"{run}/config.json is damaged (not this project's JSON)") from None
-        p.set_defaults(**{k: v for k, v in config.items() if k not in COMMANDS})
+            saved = json.loads((Path(run) / "config.json").read_text())["args"]
+            p.set_defaults(**{k: v for k, v in saved.items() if k not in COMMANDS})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{run} is not a run folder (no readable config.json)") from None
         args = p.parse_args(argv)
     check_model_args(args, p.error)
-    if not 0 <= args.ema < 1:
-        p.error(f"--ema must be in [0, 1), got {args.ema}")
     if args.track and importlib.util.find_spec("wandb") is None:
         p.error("--track needs wandb: pip install wandb")
     return args
@@ -678,18 +632,17 @@ def parse_args(argv=None):
 def setup_device(args):
     """(device, rank, world size). Under torchrun every process joins the group with its own GPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
-             "cpu": True}
-    name = next(n for n in found if found[n]) if args.device == "auto" else args.device
-    if not found[name]:
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    name = next((n for n in found if found[n]), "cpu") if args.device == "auto" else args.device
+    if not found.get(name, True):
         raise UserError(f"--device {name}: not available on this machine")
     device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0)) if name == "cuda" else None)
     if name == "cuda":  # (TF32 stays off: what runs in float32 is meant to)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN may pick its fastest kernels
     if world > 1:
-        cuda = name == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group("nccl" if name == "cuda" else "gloo",
+                                device_id=device if name == "cuda" else None)
     return device, rank, world
 
 
@@ -697,8 +650,8 @@ def amp_dtype(args, device):
     """The autocast precision (None: float32): bf16 on GPUs built for it (compute capability 8+),
     float16 on T4 and V100 (7.x: bf16 would be emulated), float32 on older GPUs and elsewhere."""
     capability = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
-    return None if not args.amp or capability < 7 else torch.bfloat16 if capability >= 8 else \
-        torch.float16
+    return None if not args.amp or capability < 7 else \
+        torch.bfloat16 if capability >= 8 else torch.float16
 
 
 def autocast(device, dtype):
@@ -706,9 +659,8 @@ def autocast(device, dtype):
 
 
 def grad_scaler(device, dtype):
-    """On in every precision: its step() skips an update whose gradients are not finite (without
-    waiting for the host, given a fused optimiser). Under float16 it also scales the loss up so that
-    small gradients do not round to zero; elsewhere its scale starts at 1 and never grows."""
+    """Its step() skips an update whose gradients are not finite; under float16 it also scales the
+    loss so that small gradients do not round to zero (elsewhere its scale stays 1)."""
     fp16 = dtype == torch.float16
     return torch.amp.GradScaler(device.type, init_scale=2.0**16 if fp16 else 1.0,
                                 growth_interval=2000 if fp16 else 2**31 - 1)
@@ -729,14 +681,13 @@ LOCKS = {}  # run folder -> its lock file, held open while this process writes t
 
 
 def open_run(args, step):
-    """The run folder (new, or the one resumed) with config.json and its log, locked to one writer
-    (RUN/lock names it). The system drops the lock when its process ends, however it ends: a killed
-    run leaves nothing that blocks --resume. Rank 0 only."""
+    """The run folder (new, or resumed) with config.json and its log, locked to one writer: RUN/lock
+    names its process, and the lock dies with it, so a killed run never blocks --resume."""
     run_dir = Path(args.resume) if args.resume else new_run_dir(args)
-    if run_dir.resolve() in LOCKS:  # this process wrote the run before (a notebook, the tests)
-        LOCKS.pop(run_dir.resolve()).close()
+    if old := LOCKS.pop(run_dir.resolve(), None):  # this process wrote the run before (a notebook)
+        old.close()
     lock = LOCKS[run_dir.resolve()] = open(run_dir / "lock", "a+")
-    with contextlib.suppress(ImportError):  # fcntl: Unix and macOS (elsewhere, no lock)
+    with contextlib.suppress(ImportError):
         import fcntl
 
         try:
@@ -746,10 +697,10 @@ def open_run(args, step):
             raise UserError(f"{run_dir} is being written by process {lock.read().strip()}: one "
                             "writer at a time") from None
     lock.truncate(0), lock.write(f"{os.getpid()}\n"), lock.flush()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
-                            capture_output=True).stdout.strip() if shutil.which("git") else ""
-    config = {"args": vars(args), "torch": torch.__version__, "git_commit": commit or None,
-              "command": sys.argv}
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
+                         capture_output=True) if shutil.which("git") else None
+    config = {"args": vars(args), "torch": torch.__version__, "command": sys.argv,
+              "git_commit": git.stdout.strip() or None if git else None}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     (run_dir / "checkpoint.pt.tmp").unlink(missing_ok=True)  # what a crash during a save left
     return run_dir, Log(run_dir, args, step)
@@ -762,16 +713,15 @@ class Log:
     def __init__(self, run_dir, args, step):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path, self.wandb = run_dir / "metrics.jsonl", None
+        self.path, self.wandb = run_dir / "metrics.jsonl", None  # wandb: only with --track
         if step and self.path.exists():
             rows = [json.loads(r) for r in self.path.read_text().splitlines() if r.endswith("}")]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
         self.tensorboard = SummaryWriter(run_dir, purge_step=step + 1 if step else None)
-        if args.track:
-            import wandb
-
-            self.wandb = wandb.init(project="cifar10-generative", name=run_dir.name,
-                                    id=run_dir.name, resume="allow", config=vars(args))
+        if args.track:  # (the run folder's name is its id: a resumed run continues its curves)
+            self.wandb = importlib.import_module("wandb").init(
+                project="cifar10-generative", name=run_dir.name, id=run_dir.name, resume="allow",
+                config=vars(args))
 
     def __call__(self, step, **row):
         with open(self.path, "a") as f:
@@ -791,8 +741,7 @@ class Log:
 
 
 def save_checkpoint(run_dir, **state):
-    """checkpoint.pt, atomically: written to a temporary file, flushed to disk, then renamed over
-    the old one, so that a crash during a save never destroys the last good checkpoint."""
+    """checkpoint.pt, atomically (a temporary file, flushed, renamed): a crash never destroys it."""
     with open(run_dir / "checkpoint.pt.tmp", "wb") as f:
         torch.save({"model": MODEL, **state}, f)
         f.flush()
@@ -800,8 +749,8 @@ def save_checkpoint(run_dir, **state):
     os.replace(run_dir / "checkpoint.pt.tmp", run_dir / "checkpoint.pt")
 
 
-def load_checkpoint(run):
-    """RUN/checkpoint.pt, read with weights_only=True: pickled code is refused, not run."""
+def load_checkpoint(run, **modules):
+    """RUN/checkpoint.pt (weights_only: pickled code is refused, not run) into modules (net=...)."""
     path = Path(run) / "checkpoint.pt"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -816,6 +765,12 @@ def load_checkpoint(run):
     needed = {"args", "net", "ema", "optimizer", "scaler", "precision", "epoch", "step", "state"}
     if missing := needed - {*ckpt}:
         raise UserError(f"{path} is an incomplete checkpoint (no {', '.join(sorted(missing))})")
+    try:
+        for key, module in modules.items():
+            module.load_state_dict(ckpt[key])
+    except RuntimeError:
+        raise UserError(f"{run} holds a network of another width or architecture (its config.json "
+                        "says which)") from None
     return ckpt
 
 
@@ -823,12 +778,10 @@ def resume(args, net, ema, optimizer, scaler):
     """Load RUN/checkpoint.pt into the model; returns (epoch, step, the model's own state). No
     random state is saved: every epoch reseeds from (seed, rank, epoch), so resuming at an epoch
     boundary draws the same noise. A run may move between GPUs, precisions and the CPU."""
-    ckpt = load_checkpoint(args.resume)
+    ckpt = load_checkpoint(args.resume, net=net, ema=ema)
     if ckpt["epoch"] >= args.epochs:
         raise UserError(f"{args.resume} already has {ckpt['epoch']} epochs: pass --epochs N with "
                         f"N > {ckpt['epoch']}")
-    load_weights(net, ckpt["net"], args.resume)
-    load_weights(ema, ckpt["ema"], args.resume)
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["precision"] == str(amp_dtype(args, next(net.parameters()).device)):
         scaler.load_state_dict(ckpt["scaler"])  # (in another precision the scaler starts afresh)
@@ -842,17 +795,9 @@ def resume(args, net, ema, optimizer, scaler):
     return ckpt["epoch"], ckpt["step"], ckpt["state"]
 
 
-def load_weights(module, state_dict, run):
-    try:
-        module.load_state_dict(state_dict)
-    except RuntimeError:
-        raise UserError(f"{run} holds a network of another width or architecture (its config.json "
-                        "says which)") from None
-
-
 def main(argv=None):
     args = parse_args(argv)
-    for command, run in (("sample", sample), ("eval", evaluate), ("interpolate", interpolate)):
+    for command, run in (("sample", sample), ("eval", evaluate)):
         if getattr(args, command):
             return run(args)
     return train(args)
