@@ -28,36 +28,41 @@ import common
 import ebm
 import ncsn
 import vae
-from experiments import ebm_chains, ebm_toy, likelihood
+from experiments import ebm_chains, ebm_toy, likelihood, measures, ncsn_inpaint, toys
 
 ROOT = Path(__file__).resolve().parent
 REAL_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 MODELS = {"ncsn": ncsn, "vae": vae, "ebm": ebm}
-TINY = {  # each script at a size that trains an epoch of 64 images in about a second on one CPU thread
+# each script at a size that trains an epoch of 64 images in about a second on one CPU thread
+TINY = {
     "ncsn": ["--width", "8", "--channel-mult", "1,2", "--num-res-blocks", "1", "--num-scales", "10",
-             "--steps-per-level", "1", "--batch-size", "16", "--log-every", "2", "--limit-test", "16"],
-    "vae": ["--width", "8", "--blocks", "1", "--latent-channels", "4", "--mixtures", "3", "--batch-size", "16",
+             "--steps-per-level", "1", "--batch-size", "16", "--log-every", "2",
+             "--limit-test", "16"],
+    "vae": ["--width", "8", "--blocks", "1", "--latent-channels", "4", "--mixtures", "3",
+            "--batch-size", "16", "--log-every", "2"],
+    "ebm": ["--width", "8", "--sgld-steps", "3", "--buffer-size", "200", "--batch-size", "16",
             "--log-every", "2"],
-    "ebm": ["--width", "8", "--sgld-steps", "3", "--buffer-size", "200", "--batch-size", "16", "--log-every", "2"],
 }
 
 
 def run_script(script, *args, check=True, timeout=300, torchrun=False):
-    """Run `python script args` (or a two-process torchrun) as a user would; returns the CompletedProcess."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
-        else [sys.executable]
-    proc = subprocess.run([*launcher, str(ROOT / script), *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    """Run `python script args` (or a two-process torchrun) as a user would; returns the
+    CompletedProcess."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2"] if torchrun else [sys.executable]
+    proc = subprocess.run([*launcher, str(ROOT / script), *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
     if check:
-        assert proc.returncode == 0, f"{script} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, (f"{script} {args} failed:\n{proc.stdout[-3000:]}\n"
+                                      f"{proc.stderr[-3000:]}")
     return proc
 
 
 def train_args(model, data, tmp, *extra):
     """Command-line arguments for a tiny training run of `model` on `data`, writing under tmp."""
-    return ["--data", str(data), "--data-root", str(tmp / "data"), "--run-dir", str(tmp / "runs"), "--device", "cpu",
-            *TINY[model], *map(str, extra)]
+    return ["--data", str(data), "--data-root", str(tmp / "data"), "--run-dir", str(tmp / "runs"),
+            "--device", "cpu", *TINY[model], *map(str, extra)]
 
 
 def only_run(folder):
@@ -86,9 +91,9 @@ def folder_digest(folder):
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
-# In-process runs use one thread, like the subprocesses (OMP_NUM_THREADS=1): bit-identical results need the same
-# thread count (it changes the order of floating-point sums), and on a busy machine two spin-waiting threads per
-# process can make a tiny convolution many times slower.
+# In-process runs use one thread, like the subprocesses (OMP_NUM_THREADS=1): bit-identical results
+# need the same thread count (it changes the order of floating-point sums), and on a busy machine
+# two spin-waiting threads per process can make a tiny convolution many times slower.
 torch.set_num_threads(1)
 
 
@@ -108,10 +113,12 @@ def tiny_images(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_random_features():
-    """Register 'tiny-random' with torch-fidelity: a small fixed random conv net as feature extractor.
+    """Register 'tiny-random' with torch-fidelity: a small fixed random conv net as feature
+    extractor.
 
-    It lets the whole FID / IS / KID pipeline run offline (no Inception weights here). Its scores measure
-    a real distance between feature statistics but are NOT comparable with any published number.
+    It lets the whole FID / IS / KID pipeline run offline (no Inception weights here). Its scores
+    measure a real distance between feature statistics but are NOT comparable with any published
+    number.
     """
     import torch_fidelity
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -121,9 +128,12 @@ def tiny_random_features():
         def __init__(self, name, features_list, **kwargs):
             super().__init__(name, features_list)
             g = torch.Generator().manual_seed(0)
-            self.w1 = torch.nn.Parameter(torch.randn(32, 3, 4, 4, generator=g) / 7, requires_grad=False)
-            self.w2 = torch.nn.Parameter(torch.randn(64, 32, 4, 4, generator=g) / 23, requires_grad=False)
-            self.head = torch.nn.Parameter(torch.randn(10, 64, generator=g) / 8, requires_grad=False)
+            self.w1 = torch.nn.Parameter(torch.randn(32, 3, 4, 4, generator=g) / 7,
+                                         requires_grad=False)
+            self.w2 = torch.nn.Parameter(torch.randn(64, 32, 4, 4, generator=g) / 23,
+                                         requires_grad=False)
+            self.head = torch.nn.Parameter(torch.randn(10, 64, generator=g) / 8,
+                                           requires_grad=False)
 
         @staticmethod
         def get_provided_features_list():
@@ -148,7 +158,8 @@ def tiny_random_features():
 
 
 def frechet_distance(features_1, features_2):
-    """Frechet distance between Gaussians fitted to two (N, F) feature sets, by torch-fidelity's own code."""
+    """Frechet distance between Gaussians fitted to two (N, F) feature sets, by torch-fidelity's own
+    code."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
     stats = [fid_features_to_statistics(f.double().cpu()) for f in (features_1, features_2)]
@@ -167,7 +178,8 @@ def test_odd_images_are_converted_to_rgb_32x32(tmp_path):
     from PIL import Image
 
     deep = np.array([[1000, 30000, 60000] * 10 + [0, 0]] * 32, dtype=np.uint16)
-    Image.fromarray(deep).save(tmp_path / "d" / "sixteen_bit.png")  # 16-bit greyscale: rescaled, not clipped
+    # 16-bit greyscale: rescaled, not clipped
+    Image.fromarray(deep).save(tmp_path / "d" / "sixteen_bit.png")
     (tmp_path / "notes.txt").write_text("ignored")
     train = common.load_images(str(tmp_path), str(tmp_path / "cache"), "train")
     test = common.load_images(str(tmp_path), str(tmp_path / "cache"), "test")
@@ -182,15 +194,18 @@ def test_odd_images_are_converted_to_rgb_32x32(tmp_path):
 def test_unreadable_files_are_named_on_every_run_not_only_the_first(tmp_path, capsys):
     write_images(tmp_path / "imgs", 6, ext="jpg")
     good = (tmp_path / "imgs" / "0000.jpg").read_bytes()
-    (tmp_path / "imgs" / "cut.jpg").write_bytes(good[: len(good) // 2])  # a truncated JPEG among good ones
+    # a truncated JPEG among good ones
+    (tmp_path / "imgs" / "cut.jpg").write_bytes(good[: len(good) // 2])
     for _ in range(2):  # the second run reads the cache: the warning must still be there
         images = common.load_images(str(tmp_path / "imgs"), str(tmp_path / "root"), "train")
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(images) == 5 and len(err) == 1 and "1 unreadable" in err[0] and "cut.jpg" in err[0]
+        assert (len(images) == 5 and len(err) == 1 and "1 unreadable" in err[0]
+                and "cut.jpg" in err[0])
     (tmp_path / "junk").mkdir()
     for i in range(3):
         (tmp_path / "junk" / f"{i}.png").write_bytes(b"not an image")
-    with pytest.raises(common.UserError, match="none of the 2 image files .* could be read"):  # (1 of 3: test)
+    # (1 of 3: test)
+    with pytest.raises(common.UserError, match="none of the 2 image files .* could be read"):
         common.load_images(str(tmp_path / "junk"), str(tmp_path / "root"), "train")
     assert capsys.readouterr().err == ""
 
@@ -243,7 +258,8 @@ class Cifar10:  # torchvision's CIFAR10, as slow as a download and as careless a
     def __init__(self, root, train, download):
         done, log = Path(root) / "cifar-10-batches-py", open(Path(root) / "log", "a")
         if not done.exists():
-            log.write(f"download {dist.get_rank()}\\n"), log.flush(), time.sleep(2), done.mkdir(exist_ok=True)
+            (log.write(f"download {dist.get_rank()}\\n"), log.flush(), time.sleep(2),
+             done.mkdir(exist_ok=True))
         log.write(f"read {dist.get_rank()} {done.exists()}\\n")
         self.data, self.targets, self.classes = np.zeros((4, 32, 32, 3), np.uint8), [0] * 4, ["a"]
 
@@ -254,12 +270,13 @@ common.load_split("cifar10", sys.argv[2], "train")
 
 
 def test_cifar10_is_downloaded_by_one_process_while_the_others_wait(tmp_path):
-    """Under torchrun every rank loads CIFAR-10. Bug it catches: each rank downloading and extracting
-    the same archive into data/ at once (before the fix: three downloads, reads before the files)."""
+    """Under torchrun every rank loads CIFAR-10. Bug it catches: each rank downloading and
+    extracting the same archive into data/ at once (before the fix: three downloads, reads before
+    the files)."""
     (tmp_path / "race.py").write_text(RACE)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                    str(tmp_path / "race.py"), str(ROOT), str(tmp_path)], env=ENV, check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=3", str(tmp_path / "race.py"), str(ROOT), str(tmp_path)],
+                   env=ENV, check=True, capture_output=True, timeout=120)
     log = (tmp_path / "log").read_text().split("\n")[:-1]
     assert log[0].startswith("download") and sum(line.startswith("download") for line in log) == 1
     assert sorted(log[1:]) == ["read 0 True", "read 1 True", "read 2 True"], log
@@ -288,12 +305,14 @@ def test_device_loader_sees_every_image_once_and_flips_about_half():
 
 def test_device_loader_ddp_shards_are_disjoint_and_complete():
     images = torch.arange(600, dtype=torch.int64).view(600, 1, 1, 1).expand(600, 3, 32, 32)
-    images = torch.stack([images[:, 0] % 256, images[:, 0] // 256, images[:, 0] * 0], 1).to(torch.uint8)
+    images = torch.stack([images[:, 0] % 256, images[:, 0] // 256, images[:, 0] * 0],
+                         1).to(torch.uint8)
     seen = []
     for rank in range(3):
         loader = common.DeviceLoader(images, 50, "cpu", seed=0, rank=rank, world_size=3, flip=False)
         x = torch.cat(list(loader.epoch(5)))
-        seen.append(set(((x[:, 0, 0, 0] * 255).round() + 256 * (x[:, 1, 0, 0] * 255).round()).long().tolist()))
+        seen.append(set(((x[:, 0, 0, 0] * 255).round()
+                         + 256 * (x[:, 1, 0, 0] * 255).round()).long().tolist()))
     assert all(len(s) == 200 for s in seen)
     assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
     assert set.union(*seen) == set(range(600))
@@ -301,14 +320,15 @@ def test_device_loader_ddp_shards_are_disjoint_and_complete():
 
 def test_toy_data_shapes_and_mixture_weights():
     g = torch.Generator().manual_seed(0)
-    x = common.toy_data("mixture", 20000, g)
+    x = toys.toy_data("mixture", 20000, g)
     assert x.shape == (20000, 2)
     assert abs((x[:, 0] > 0).float().mean().item() - 0.8) < 0.01
     for name in ("8gaussians", "rings"):
-        assert common.toy_data(name, 100, g).shape == (100, 2)
+        assert toys.toy_data(name, 100, g).shape == (100, 2)
     # the exact log density integrates to 1 over a fine grid
-    grid = torch.stack(torch.meshgrid(torch.linspace(-12, 12, 481), torch.linspace(-12, 12, 481), indexing="ij"), -1)
-    mass = common.mixture_log_prob(grid.reshape(-1, 2)).exp().sum() * (24 / 480) ** 2
+    grid = torch.stack(torch.meshgrid(torch.linspace(-12, 12, 481), torch.linspace(-12, 12, 481),
+                                      indexing="ij"), -1)
+    mass = toys.mixture_log_prob(grid.reshape(-1, 2)).exp().sum() * (24 / 480) ** 2
     assert abs(mass.item() - 1) < 1e-3
 
 
@@ -336,10 +356,12 @@ def test_frechet_distance_matches_the_closed_form():
 
 def test_metric_pipeline_offline_scores_itself_near_zero_and_shifted_worse(tiny_images, tmp_path):
     train = common.load_images(str(tiny_images), str(tmp_path), "train").float() / 255
-    same = common.generative_metrics(train, str(tiny_images), str(tmp_path), extractor="tiny-random")
+    same = common.generative_metrics(train, str(tiny_images), str(tmp_path),
+                                     extractor="tiny-random")
     shifted = common.generative_metrics((train + 0.3).clamp(0, 1), str(tiny_images), str(tmp_path),
                                         extractor="tiny-random")
-    assert same["n_samples"] == 64 and same["n_reference"] == 64 and same["extractor"] == "tiny-random"
+    assert (same["n_samples"] == 64 and same["n_reference"] == 64
+            and same["extractor"] == "tiny-random")
     assert abs(same["fid"]) < 1e-6 and shifted["fid"] > 0.01
     assert shifted["kid_mean"] > same["kid_mean"] and same["is_mean"] >= 1.0
     assert list((tmp_path / "fidelity_cache").iterdir())  # reference statistics were cached
@@ -354,7 +376,8 @@ def test_metrics_without_weights_name_the_flag(tiny_images, tmp_path, monkeypatc
         raise OSError("no network")
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no cached weights
-    monkeypatch.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", offline)
+    monkeypatch.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url",
+                        offline)
     with pytest.raises(common.UserError, match="--fid-weights FILE"):
         common.generative_metrics(torch.rand(10, 3, 32, 32), str(tiny_images), str(tmp_path))
 
@@ -366,44 +389,52 @@ def test_linear_probe_separates_separable_classes_and_is_at_chance_on_shuffled_l
     classes, dims = 5, 40
     centres = 4 * torch.randn(classes, dims, generator=g)
     labels = torch.randint(0, classes, (3000,), generator=g)
-    features = centres[labels] + torch.randn(3000, dims, generator=g) + 100  # the bias must absorb it
+    # the bias must absorb it
+    features = centres[labels] + torch.randn(3000, dims, generator=g) + 100
     train, test = slice(0, 2000), slice(2000, 3000)
-    probe = common.linear_probe(features[train], labels[train], features[test], labels[test], classes)
+    probe = measures.linear_probe(features[train], labels[train], features[test],
+                                labels[test], classes)
     assert probe["top1"] > 0.99 and probe["l2"] in (1e-4, 1e-3, 1e-2, 0.1, 1, 10)
     noise = torch.randn(3000, dims, generator=g)  # features that say nothing about the labels
-    probe = common.linear_probe(noise[train], labels[train], noise[test], labels[test], classes)
+    probe = measures.linear_probe(noise[train], labels[train], noise[test], labels[test], classes)
     assert abs(probe["top1"] - 1 / classes) < 0.05  # chance 0.2; standard error at 1,000: 0.013
     shuffled = labels[torch.randperm(3000, generator=g)]  # real features, labels no longer theirs
-    probe = common.linear_probe(features[train], shuffled[train], features[test], shuffled[test], classes)
+    probe = measures.linear_probe(features[train], shuffled[train], features[test],
+                                shuffled[test], classes)
     assert abs(probe["top1"] - 1 / classes) < 0.05
 
 
 def test_linear_probe_is_fitted_to_its_minimum_not_stopped_early():
-    """More features than images and a weak L2 (as raw pixels of a small training set): the objective
-    needs hundreds of L-BFGS evaluations. Bug it catches: one L-BFGS call capped at 100 iterations (the
-    probe used to stop there: on raw pixels at l2 = 1e-3, objective 0.780 against 0.617)."""
+    """More features than images and a weak L2 (as raw pixels of a small training set): the
+    objective needs hundreds of L-BFGS evaluations. Bug it catches: one L-BFGS call capped at 100
+    iterations (the probe used to stop there: on raw pixels at l2 = 1e-3, objective 0.780 against
+    0.617)."""
     g = torch.Generator().manual_seed(0)
-    smooth = F.interpolate(torch.randn(300, 1, 8, 8, generator=g), size=24, mode="bicubic", align_corners=False)
+    smooth = F.interpolate(torch.randn(300, 1, 8, 8, generator=g), size=24, mode="bicubic",
+                           align_corners=False)
     x = (smooth + 0.05 * torch.randn(300, 1, 24, 24, generator=g)).flatten(1)
     x, y = (x - x.mean(0)) / x.std(0), torch.randint(0, 10, (300,), generator=g)
 
     def objective(w):
-        return F.cross_entropy(F.pad(x.double(), (0, 1), value=1.0) @ w, y) + 5e-4 * w[:-1].pow(2).sum()
+        return (F.cross_entropy(F.pad(x.double(), (0, 1), value=1.0) @ w, y)
+                + 5e-4 * w[:-1].pow(2).sum())
 
-    w, fit = common.fit_linear_probe(x, y, 10, l2=1e-3)
-    capped, stopped = common.fit_linear_probe(x, y, 10, l2=1e-3, max_iter=100)
+    w, fit = measures.fit_linear_probe(x, y, 10, l2=1e-3)
+    capped, stopped = measures.fit_linear_probe(x, y, 10, l2=1e-3, max_iter=100)
     assert fit["grad_max"] <= 1e-5 and fit["evaluations"] > 200  # measured: 278 evaluations
-    assert stopped["grad_max"] > 1e-4 and objective(capped) > objective(w) + 1e-3  # 5.8e-4; 0.3838 / 0.3825
+    # 5.8e-4; 0.3838 / 0.3825
+    assert stopped["grad_max"] > 1e-4 and objective(capped) > objective(w) + 1e-3
 
 
 def test_auroc_is_the_probability_that_an_inlier_scores_higher():
-    assert common.auroc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
-    assert common.auroc(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])) == 0.0
-    assert common.auroc(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])) == 0.5  # ties count half
+    assert measures.auroc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert measures.auroc(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])) == 0.0
+    # ties count half
+    assert measures.auroc(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])) == 0.5
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(4000, generator=g) + 1, torch.randn(4000, generator=g)
     # two unit normals one apart: P(a > b) = Phi(1 / sqrt(2)) = 0.7602
-    assert common.auroc(a, b) == pytest.approx(0.7602, abs=0.01)
+    assert measures.auroc(a, b) == pytest.approx(0.7602, abs=0.01)
 
 
 def test_to_uint8_clamps_before_converting():
@@ -417,28 +448,35 @@ def test_to_uint8_clamps_before_converting():
 
 def test_grids_panels_and_metric_plots_are_written(tmp_path):
     common.save_grid(torch.rand(10, 3, 32, 32) * 2 - 0.5, tmp_path / "grid.png")
-    common.save_grid(torch.rand(10, 3, 32, 32), tmp_path / "captioned.png", caption="what drew them")
-    common.save_rows([("a", torch.rand(4, 3, 32, 32)), ("b", torch.rand(2, 3, 32, 32))], tmp_path / "rows.png")
-    common.save_panels({"points": torch.randn(100, 2), "density": torch.rand(20, 20)}, tmp_path / "panels.png", 3)
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / (s + 1)}) + "\n"
-                                                    for s in range(5)))
+    common.save_grid(torch.rand(10, 3, 32, 32), tmp_path / "captioned.png",
+                     caption="what drew them")
+    common.save_rows([("a", torch.rand(4, 3, 32, 32)), ("b", torch.rand(2, 3, 32, 32))],
+                     tmp_path / "rows.png")
+    common.save_panels({"points": torch.randn(100, 2), "density": torch.rand(20, 20)},
+                       tmp_path / "panels.png", 3)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / (s + 1)})
+                                                    + "\n" for s in range(5)))
     assert [r["step"] for r in common.read_metrics(tmp_path)] == list(range(5))
     path = common.plot_metrics(tmp_path)
     for name in ("grid.png", "captioned.png", "rows.png", "panels.png", path.name):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     from PIL import Image
 
-    with Image.open(tmp_path / "grid.png") as plain, Image.open(tmp_path / "captioned.png") as captioned:
+    with (Image.open(tmp_path / "grid.png") as plain,
+          Image.open(tmp_path / "captioned.png") as captioned):
         assert captioned.height > plain.height  # room for the caption above the same grid
 
 
 def test_explore_and_the_data_loader_benchmark(tiny_images, tmp_path):
-    out = run_script("common.py", "explore", "--data", tiny_images, "--data-root", tmp_path, "--out", tmp_path / "x")
+    out = run_script("common.py", "explore", "--data", tiny_images, "--data-root", tmp_path,
+                     "--out", tmp_path / "x")
     stats = json.loads((tmp_path / "x" / "stats.json").read_text())
-    assert stats["images_per_class"] == {"blobs_a": 32, "blobs_b": 32} and "channel mean" in out.stdout
+    assert (stats["images_per_class"] == {"blobs_a": 32, "blobs_b": 32}
+            and "channel mean" in out.stdout)
     for name in ("class_counts.png", "pixel_histograms.png", "examples.png", "mean_image.png"):
         assert (tmp_path / "x" / name).exists()
-    bench = run_script("experiments/bench_data.py", "--data", tiny_images, "--data-root", tmp_path, "--batch-size", 16)
+    bench = run_script("experiments/bench_data.py", "--data", tiny_images, "--data-root", tmp_path,
+                       "--batch-size", 16)
     assert bench.stdout.strip().splitlines()[-1].startswith("ratio:")
     bad = run_script("common.py", "explore", "--data", tmp_path / "nope", check=False)
     assert bad.returncode != 0 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr
@@ -448,29 +486,35 @@ def test_compare_tables_runs_and_shows_missing_metrics_as_missing(tmp_path):
     full = tmp_path / "vae__a__1__20260101-000000"
     (full / "samples").mkdir(parents=True)
     (full / "config.json").write_text(json.dumps({"args": {}}))
-    rows = [{"step": 1, "img_per_s": 10.0}, {"step": 2, "img_per_s": 30.0}, {"step": 3, "img_per_s": 20.0},
+    rows = [{"step": 1, "img_per_s": 10.0}, {"step": 2, "img_per_s": 30.0},
+            {"step": 3, "img_per_s": 20.0},
             {"step": 3, "epoch": 1, "epoch_seconds": 42.0, "test_bpd": 5.5}]
     (full / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (full / "eval.json").write_text(json.dumps({"fid": 12.5, "is_mean": 3.25, "kid_mean": 0.01, "n_samples": 500,
-                                                "extractor": "tiny-random", "test_iwae_bpd": 5.25, "iw_samples": 20,
+    (full / "eval.json").write_text(json.dumps({"fid": 12.5, "is_mean": 3.25, "kid_mean": 0.01,
+                                                "n_samples": 500, "extractor": "tiny-random",
+                                                "test_iwae_bpd": 5.25, "iw_samples": 20,
                                                 "n_test": 1000, "sampling_seconds_per_1000": 2.0,
                                                 "nfe_per_sample": 1}))
-    torch.save({"model": "vae", "net": {"w": torch.zeros(10, 3)}, "epoch": 1}, full / "checkpoint.pt")
+    torch.save({"model": "vae", "net": {"w": torch.zeros(10, 3)}, "epoch": 1},
+               full / "checkpoint.pt")
     common.save_grid(torch.rand(4, 3, 32, 32), full / "samples" / "epoch_0001.png")
     ode = tmp_path / "ncsn__c__1__20260101-000000"
     ode.mkdir()
     (ode / "config.json").write_text(json.dumps({"args": {}}))
-    (ode / "likelihood.json").write_text(json.dumps({"bits_per_dim": 4.125, "method": "probability-flow ODE",
-                                                     "n": 100, "spread": 0.012}))
+    (ode / "likelihood.json").write_text(json.dumps({"bits_per_dim": 4.125,
+                                                     "method": "probability-flow ODE", "n": 100,
+                                                     "spread": 0.012}))
     bare = tmp_path / "ncsn__b__1__20260101-000000"
     bare.mkdir()
     (bare / "config.json").write_text(json.dumps({"args": {}}))
     run_script("experiments/compare.py", full, ode, bare, "--out", tmp_path / "out")
     table = (tmp_path / "out" / "compare.md").read_text().splitlines()
-    cells = {name: [c.strip() for c in next(line for line in table if name in line).strip("|").split("|")]
+    cells = {name: [c.strip()
+                    for c in next(line for line in table if name in line).strip("|").split("|")]
              for name in (full.name, ode.name, bare.name)}
-    assert cells[full.name][:10] == ["vae", full.name, "30", "20.0", "42", "1", "5.250", "IWAE K 20, N 1,000",
-                                     "12.50", "3.25"]  # median speed; IWAE before the last logged ELBO
+    # median speed; IWAE before the last logged ELBO
+    assert cells[full.name][:10] == ["vae", full.name, "30", "20.0", "42", "1", "5.250",
+                                     "IWAE K 20, N 1,000", "12.50", "3.25"]
     assert cells[full.name][11:] == ["500", "tiny-random", "2.0", "1"]
     assert cells[ode.name][6:8] == ["4.125", "probability-flow ODE, N 100, +- 0.012"]
     assert cells[bare.name][2:] == ["—"] * 13
@@ -482,18 +526,24 @@ def test_compare_tables_runs_and_shows_missing_metrics_as_missing(tmp_path):
 def test_readme_quick_start_is_what_ci_runs_and_what_the_tests_exercise():
     readme = (ROOT / "README.md").read_text()
     quick_start = readme.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
-    assert quick_start == ["pip install -r requirements.txt && python ncsn.py --epochs 200", "python -m pytest -q"]
+    assert quick_start == ["pip install -r requirements.txt && python ncsn.py --epochs 200",
+                           "python -m pytest -q"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -q -r requirements.txt" in ci and ci.strip().endswith(quick_start[1])
-    args = ncsn.parse_args(["--epochs", "200"])  # the main job: the NCSNv2 recipe (trained small below)
-    assert args.epochs == 200 and args.preset == "ncsnv2" and args.lr == 1e-4 and args.data == "cifar10"
-    assert args.num_scales == 232 and args.sigma_max == 50 and args.ema == 0.999 and args.score_param == "divide"
+    # the main job: the NCSNv2 recipe (trained small below)
+    args = ncsn.parse_args(["--epochs", "200"])
+    assert (args.epochs == 200 and args.preset == "ncsnv2" and args.lr == 1e-4
+            and args.data == "cifar10")
+    assert (args.num_scales == 232 and args.sigma_max == 50 and args.ema == 0.999
+            and args.score_param == "divide")
     requirements = (ROOT / "requirements.txt").read_text()
-    for package in ("torch", "torchvision", "numpy", "matplotlib", "tqdm", "torch-fidelity", "tensorboard", "pytest"):
+    for package in ("torch", "torchvision", "numpy", "matplotlib", "tqdm", "torch-fidelity",
+                    "tensorboard", "pytest"):
         assert f"\n{package}" in "\n" + requirements
 
 
-@pytest.mark.skipif(not REAL_DATA.exists(), reason="the shared CIFAR-10 JPEG copy is not on this machine")
+@pytest.mark.skipif(not REAL_DATA.exists(),
+                    reason="the shared CIFAR-10 JPEG copy is not on this machine")
 def test_explore_on_real_cifar10_copy(tmp_path):
     stats = common.explore(str(REAL_DATA), str(ROOT / "data"), tmp_path)
     assert stats["train_images"] == 50000 and stats["test_images"] == 10000
@@ -506,11 +556,14 @@ def test_explore_on_real_cifar10_copy(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def checkpoints_equal(a, b):
-    """Every tensor of two checkpoints (weights, EMA, optimiser moments, the model's state) bit for bit."""
+    """Every tensor of two checkpoints (weights, EMA, optimiser moments, the model's state) bit for
+    bit."""
     def tensors(ckpt):
         out = {f"{key}.{name}": t for key in ("net", "ema") for name, t in ckpt[key].items()}
-        out.update({f"optimizer.{i}.{k}": t for i, s in ckpt["optimizer"]["state"].items() for k, t in s.items()})
-        return {**out, **{f"state.{k}": t for k, t in ckpt["state"].items() if isinstance(t, torch.Tensor)}}
+        out.update({f"optimizer.{i}.{k}": t for i, s in ckpt["optimizer"]["state"].items()
+                    for k, t in s.items()})
+        return {**out, **{f"state.{k}": t for k, t in ckpt["state"].items()
+                          if isinstance(t, torch.Tensor)}}
 
     ta, tb = tensors(a), tensors(b)
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -523,7 +576,8 @@ def epochs_logged(run):
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def trained(request, tiny_images, tmp_path_factory):
-    """For each model: 2 epochs in one go, and 1 epoch, then --resume to 2 (in-process: main(argv) is the program)."""
+    """For each model: 2 epochs in one go, and 1 epoch, then --resume to 2 (in-process: main(argv)
+    is the program)."""
     model, tmp = request.param, tmp_path_factory.mktemp(request.param)
     module = MODELS[model]
     full = module.main(train_args(model, tiny_images, tmp / "a", "--epochs", 2))
@@ -535,15 +589,16 @@ def trained(request, tiny_images, tmp_path_factory):
 
 def test_train_writes_the_run_folder(trained):
     model, _, full, _, _ = trained
-    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", "metrics.png", "lock",
-                 "samples/epoch_0001.png", "samples/epoch_0002.png"):
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", "metrics.png",
+                 "lock", "samples/epoch_0001.png", "samples/epoch_0002.png"):
         assert (full / name).exists(), name
     assert list(full.glob("events.out.tfevents.*")) and not list(full.glob("*.tmp"))
     config = json.loads((full / "config.json").read_text())
     assert config["args"]["epochs"] == 2 and config["torch"] == torch.__version__
     assert full.name.startswith(f"{model}__default__1__")
     ckpt = torch.load(full / "checkpoint.pt", weights_only=True)
-    assert ckpt["model"] == model and ckpt["epoch"] == 2 and ckpt["step"] == 8  # 64 images, 16 per step
+    # 64 images, 16 per step
+    assert ckpt["model"] == model and ckpt["epoch"] == 2 and ckpt["step"] == 8
     assert ckpt["precision"] == "None"  # float32 on the CPU
     summary = json.loads((full / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["steps"] == 8 and summary["parameters"] > 0
@@ -554,12 +609,14 @@ def test_resume_is_bit_identical_and_logs_each_epoch_once(trained):
     a, b = (torch.load(r / "checkpoint.pt", weights_only=True) for r in (full, half))
     assert a["step"] == b["step"] == 8 and a["epoch"] == b["epoch"] == 2
     assert checkpoints_equal(a, b)
-    assert epochs_logged(half) == epochs_logged(full)  # the resumed log reads as if it had never stopped
+    # the resumed log reads as if it had never stopped
+    assert epochs_logged(half) == epochs_logged(full)
 
 
 def test_a_checkpoint_from_the_gpu_resumes_on_the_cpu(trained):
-    """On CUDA the networks are channels_last, and so are the optimiser's moments in the checkpoint; the CPU's
-    fused Adam assumes a moment is laid out like its weight, so it must be converted on load, not misread."""
+    """On CUDA the networks are channels_last, and so are the optimiser's moments in the checkpoint;
+    the CPU's fused Adam assumes a moment is laid out like its weight, so it must be converted on
+    load, not misread."""
     model, module, full, _, tmp = trained
     gpu_like = tmp / "gpu_like"
     shutil.copytree(tmp / "after_one_epoch", gpu_like)
@@ -567,8 +624,10 @@ def test_a_checkpoint_from_the_gpu_resumes_on_the_cpu(trained):
     to_cl = lambda t: t.to(memory_format=torch.channels_last) if t.dim() == 4 else t  # noqa: E731
     for key in ("net", "ema"):
         ckpt[key] = {k: to_cl(t) for k, t in ckpt[key].items()}
-    ckpt["optimizer"]["state"] = {i: {k: to_cl(t) for k, t in s.items()} for i, s in ckpt["optimizer"]["state"].items()}
-    assert any(not t.is_contiguous() for s in ckpt["optimizer"]["state"].values() for t in s.values())
+    ckpt["optimizer"]["state"] = {i: {k: to_cl(t) for k, t in s.items()}
+                                  for i, s in ckpt["optimizer"]["state"].items()}
+    assert any(not t.is_contiguous() for s in ckpt["optimizer"]["state"].values()
+               for t in s.values())
     torch.save(ckpt, gpu_like / "checkpoint.pt")
     module.main(["--resume", str(gpu_like), "--epochs", "2"])
     assert checkpoints_equal(torch.load(gpu_like / "checkpoint.pt", weights_only=True),
@@ -576,28 +635,32 @@ def test_a_checkpoint_from_the_gpu_resumes_on_the_cpu(trained):
 
 
 def test_a_run_resumes_in_another_precision_in_both_directions(trained, monkeypatch):
-    """Train on one card, resume on another: float32 (CPU, bf16 GPUs) to float16 (T4, V100) and back.
-    Bug it catches: the scaler's saved state loaded into a scaler of another precision (a disabled
-    scaler saved {}: RuntimeError 'The source state dict is empty'; a float32 scaler would hand float16
-    a scale of 1 that never grows). Float16 autocast and its scaler run on the CPU too."""
+    """Train on one card, resume on another: float32 (CPU, bf16 GPUs) to float16 (T4, V100) and
+    back. Bug it catches: the scaler's saved state loaded into a scaler of another precision
+    (a disabled scaler saved {}: RuntimeError 'The source state dict is empty'; a float32 scaler
+    would hand float16 a scale of 1 that never grows). Float16 autocast and its scaler run on the
+    CPU too."""
     model, module, _, _, tmp = trained
     run = tmp / "precision"
     shutil.copytree(tmp / "after_one_epoch", run)
     monkeypatch.setattr(module, "amp_dtype", lambda args, device: torch.float16)
-    module.main(["--resume", str(run), "--epochs", "2"])  # float32 -> float16: a fresh float16 scaler
+    # float32 -> float16: a fresh float16 scaler
+    module.main(["--resume", str(run), "--epochs", "2"])
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["precision"] == "torch.float16" and ckpt["epoch"] == 2
     assert ckpt["scaler"]["scale"] <= 2.0**16 and ckpt["scaler"]["growth_interval"] == 2000
     assert all(torch.isfinite(t).all() for t in ckpt["net"].values())
     monkeypatch.setattr(module, "amp_dtype", lambda args, device: None)
-    module.main(["--resume", str(run), "--epochs", "3"])  # float16 -> float32: the scale starts at 1
+    # float16 -> float32: the scale starts at 1
+    module.main(["--resume", str(run), "--epochs", "3"])
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["precision"] == "None" and ckpt["scaler"]["scale"] == 1.0 and ckpt["epoch"] == 3
 
 
 def test_a_crash_before_the_save_leaves_no_trace_after_resume(trained, monkeypatch):
-    """A crash after epoch 2 was logged but before its checkpoint was renamed into place (a kill during the
-    save leaves checkpoint.pt.tmp): after --resume there is no stray file and every epoch is logged once."""
+    """A crash after epoch 2 was logged but before its checkpoint was renamed into place
+    (a kill during the save leaves checkpoint.pt.tmp): after --resume there is no stray file and
+    every epoch is logged once."""
     model, module, full, _, tmp = trained
     crashed = tmp / "crashed"
     shutil.copytree(tmp / "after_one_epoch", crashed)
@@ -615,7 +678,8 @@ def test_a_crash_before_the_save_leaves_no_trace_after_resume(trained, monkeypat
     with open(crashed / "metrics.jsonl", "a") as f:
         f.write('{"step": 8, "epoch": 2, "lo')  # and a row cut off by the kill
     monkeypatch.setattr(module, "save_checkpoint", save)
-    module.main(["--resume", str(crashed), "--epochs", "2"])  # (the same process: its own lock is let go)
+    # (the same process: its own lock is let go)
+    module.main(["--resume", str(crashed), "--epochs", "2"])
     assert not list(crashed.glob("*.tmp"))
     assert epochs_logged(crashed) == epochs_logged(full)
     assert checkpoints_equal(torch.load(crashed / "checkpoint.pt", weights_only=True),
@@ -629,15 +693,18 @@ def test_a_run_folder_has_one_writer_at_a_time(trained, tiny_images, tmp_path):
     model, _, _, _, tmp = trained
     run = tmp_path / "run"
     shutil.copytree(tmp / "after_one_epoch", run)
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('4242'); f.flush(); "
-                               "print('locked', flush=True); time.sleep(60)", str(run / "lock")],
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('4242'); "
+                               "f.flush(); print('locked', flush=True); time.sleep(60)",
+                               str(run / "lock")],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     before = folder_digest(run)
     proc = run_script(f"{model}.py", "--resume", run, "--epochs", 2, check=False)
-    assert proc.returncode == 1 and proc.stderr.strip().endswith("is being written by process 4242: one writer "
-                                                                  "at a time"), proc.stderr
+    assert (proc.returncode == 1
+            and proc.stderr.strip().endswith("is being written by process 4242: one writer "
+                                             "at a time")), proc.stderr
     assert folder_digest(run) == before  # refused before anything was written
     holder.kill()
     holder.wait()  # killed: its lock goes with it, and the file that names it stays
@@ -646,11 +713,13 @@ def test_a_run_folder_has_one_writer_at_a_time(trained, tiny_images, tmp_path):
 
 
 def test_two_process_torchrun_resume_is_bit_identical(trained, tiny_images, tmp_path):
-    """Under torchrun each rank draws its own noise from (seed, rank, epoch), so resume is exact there too."""
+    """Under torchrun each rank draws its own noise from (seed, rank, epoch), so resume is exact
+    there too."""
     model = trained[0]
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(ROOT / f"{model}.py"), *train_args(model, tiny_images, tmp_path / name, "--epochs",
-                                                                      epochs)],
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node=2", str(ROOT / f"{model}.py"),
+                               *train_args(model, tiny_images, tmp_path / name,
+                                           "--epochs", epochs)],
                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, epochs in (("full", 2), ("half", 1))]
     for proc in procs:
@@ -682,24 +751,26 @@ except Exception as e:
 
 
 def test_a_failure_on_rank_0_stops_every_process_at_once(trained, tiny_images, tmp_path):
-    """Rank 0 alone evaluates and saves at the end of an epoch, while the others wait at a barrier. Bug it
-    catches: the others waiting there for the 30-minute collective timeout after rank 0 died (a full disk).
-    torchrun's agent stops every process once one has failed (measured: the 2-process job ends within
-    seconds), and rank 0's error is what it reports."""
+    """Rank 0 alone evaluates and saves at the end of an epoch, while the others wait at a barrier.
+    Bug it catches: the others waiting there for the 30-minute collective timeout after rank 0 died
+    (a full disk). torchrun's agent stops every process once one has failed (measured: the 2-process
+    job ends within seconds), and rank 0's error is what it reports."""
     model = trained[0]
     (tmp_path / "fail.py").write_text(FAIL_ON_RANK_0.format(model=model))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(tmp_path / "fail.py"), str(ROOT), *train_args(model, tiny_images, tmp_path,
-                                                                            "--epochs", 2)],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(tmp_path / "fail.py"), str(ROOT),
+                           *train_args(model, tiny_images, tmp_path, "--epochs", 2)],
                           env=ENV, capture_output=True, text=True, timeout=240)
-    assert proc.returncode != 0 and "rank 0: OSError: [Errno 28] No space left on device" in proc.stderr
-    assert time.perf_counter() - start < 180  # a hang would last until the collective's 30-minute timeout
+    assert (proc.returncode != 0
+            and "rank 0: OSError: [Errno 28] No space left on device" in proc.stderr)
+    # a hang would last until the collective's 30-minute timeout
+    assert time.perf_counter() - start < 180
 
 
 def fails_cleanly(module, argv, text, capsys):
-    """The script's answer to bad input: one line naming the problem (a UserError, which the script prints as
-    one line, or argparse's own one line) and a non-zero exit."""
+    """The script's answer to bad input: one line naming the problem (a UserError, which the script
+    prints as one line, or argparse's own one line) and a non-zero exit."""
     capsys.readouterr()
     try:
         module.main([str(a) for a in argv])
@@ -713,26 +784,30 @@ def fails_cleanly(module, argv, text, capsys):
     assert message and "\n" not in message and text in message, (argv, message)
 
 
-def test_bad_inputs_fail_with_one_clear_line_and_leave_runs_intact(trained, tiny_images, tmp_path, capsys):
+def test_bad_inputs_fail_with_one_clear_line_and_leave_runs_intact(trained, tiny_images,
+                                                                   tmp_path, capsys):
     model, module, full, _, _ = trained
     run = tmp_path / "run"
     shutil.copytree(full, run)
     before = folder_digest(run)
     broken = {}
-    for name, payload in (("cut", (run / "checkpoint.pt").read_bytes()[:1000]), ("random", os.urandom(5000))):
+    for name, payload in (("cut", (run / "checkpoint.pt").read_bytes()[:1000]),
+                          ("random", os.urandom(5000))):
         broken[name] = tmp_path / name
         broken[name].mkdir()
         shutil.copy(run / "config.json", broken[name])
         (broken[name] / "checkpoint.pt").write_bytes(payload)
     broken["code"] = tmp_path / "code"
     shutil.copytree(broken["cut"], broken["code"], dirs_exist_ok=True)
-    torch.save({"model": model, "payload": Path("x")}, broken["code"] / "checkpoint.pt")  # a pickle with an object
+    # a pickle with an object
+    torch.save({"model": model, "payload": Path("x")}, broken["code"] / "checkpoint.pt")
     broken["other"] = tmp_path / "other"
     shutil.copytree(broken["cut"], broken["other"], dirs_exist_ok=True)
     torch.save({"model": "another"}, broken["other"] / "checkpoint.pt")
     broken["partial"] = tmp_path / "partial"
     shutil.copytree(broken["cut"], broken["partial"], dirs_exist_ok=True)
-    torch.save({"model": model, "net": {}}, broken["partial"] / "checkpoint.pt")  # e.g. saved by another tool
+    # e.g. saved by another tool
+    torch.save({"model": model, "net": {}}, broken["partial"] / "checkpoint.pt")
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "0.png").write_bytes(b"not an image")
@@ -748,7 +823,7 @@ def test_bad_inputs_fail_with_one_clear_line_and_leave_runs_intact(trained, tiny
         (fresh("--data", tmp_path / "junk"), "could be read"),
         (fresh("--data-root", tmp_path / "a_file"), "--data-root"),
         (fresh("--run-dir", tmp_path / "a_file"), "--run-dir"),
-        (fresh("--ema", 1.5), "--ema must be in [0, 1)"),
+        (fresh("--ema", 1.5), "--ema: must be in [0, 1), got 1.5"),
         (["--resume", run, "--epochs", 2], "already has 2 epochs"),
         (["--sample", run, "--width", 16], "another width or architecture"),
         (["--sample", tmp_path / "missing"], "not a run folder"),
@@ -758,7 +833,8 @@ def test_bad_inputs_fail_with_one_clear_line_and_leave_runs_intact(trained, tiny
         (["--sample", broken["other"]], f"not a checkpoint of {model}.py"),
         (["--sample", broken["partial"]], "is an incomplete checkpoint (no args, "),
         (["--resume", broken["partial"], "--epochs", 5], "is an incomplete checkpoint"),
-    ] + {"ncsn": [(fresh("--sigma-min", 60), "the noise anneals from --sigma-max down to --sigma-min"),
+    ] + {"ncsn": [(fresh("--sigma-min", 60),
+                   "the noise anneals from --sigma-max down to --sigma-min"),
                   (fresh("--num-scales", 1), "--num-scales >= 2 levels; got 50, 0.01, 1")],
          "vae": [(fresh("--latent-size", 5), "latent-size")],
          "ebm": [(fresh("--restart-rate", 1.5), "restart-rate"),
@@ -766,24 +842,30 @@ def test_bad_inputs_fail_with_one_clear_line_and_leave_runs_intact(trained, tiny
     for argv, text in cases:
         fails_cleanly(module, argv, text, capsys)
     assert folder_digest(run) == before  # nothing in the run was touched
-    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())  # no half-made run folder
-    assert not list(tmp_path.glob("x*")) and not (tmp_path / "runs" / "a").exists()  # nothing outside --run-dir
-    proc = run_script(f"{model}.py", "--sample", broken["random"], check=False)  # and as a real process
+    # no half-made run folder
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+    # nothing outside --run-dir
+    assert not list(tmp_path.glob("x*")) and not (tmp_path / "runs" / "a").exists()
+    # and as a real process
+    proc = run_script(f"{model}.py", "--sample", broken["random"], check=False)
     assert proc.returncode == 1 and proc.stderr.strip() == f"{model}.py: error: cannot load " \
         f"{broken['random']}/checkpoint.pt: corrupt or truncated", proc.stderr
 
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_mixed_precision_follows_what_the_gpu_supports(model, monkeypatch):
-    """bf16 where the GPU has it natively (compute capability 8+), float16 on a T4 or V100 (7.x), which would
-    only emulate bf16, and float32 on older cards (Pascal, 6.x), where float16 is slower than float32; float32
-    on the CPU and with --no-amp. Every scaler is on (it skips non-finite steps); only float16's scales."""
+    """bf16 where the GPU has it natively (compute capability 8+), float16 on a T4 or V100 (7.x),
+    which would only emulate bf16, and float32 on older cards (Pascal, 6.x), where float16 is slower
+    than float32; float32 on the CPU and with --no-amp. Every scaler is on (it skips non-finite
+    steps); only float16's scales."""
     module = MODELS[model]
     args = module.parse_args([])
     cuda = torch.device("cuda")
-    for capability, dtype in (((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 5), torch.float16),
-                              ((7, 0), torch.float16), ((6, 1), None), ((5, 2), None)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+    for capability, dtype in (((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
+                              ((7, 5), torch.float16), ((7, 0), torch.float16),
+                              ((6, 1), None), ((5, 2), None)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device=None, c=capability: c)
         assert module.amp_dtype(args, cuda) == dtype, capability
     assert module.amp_dtype(args, torch.device("cpu")) is None
     assert module.amp_dtype(module.parse_args(["--no-amp"]), cuda) is None
@@ -794,33 +876,41 @@ def test_mixed_precision_follows_what_the_gpu_supports(model, monkeypatch):
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_a_non_finite_step_is_skipped_with_any_optimiser(model, tiny_images, tmp_path, monkeypatch):
-    """The skip is torch.amp.GradScaler's public step(): it works with the fused Adam and with whatever a
-    student swaps in. Bug it catches: the skip through the fused kernel's private found_inf (a non-fused Adam
-    raised an AssertionError when it was set; SGD would have stepped on NaN)."""
+    """The skip is torch.amp.GradScaler's public step(): it works with the fused Adam and with
+    whatever a student swaps in. Bug it catches: the skip through the fused kernel's private
+    found_inf (a non-fused Adam raised an AssertionError when it was set; SGD would have stepped on
+    NaN)."""
     module = MODELS[model]
-    for make in (lambda p: torch.optim.Adam(p, lr=1e-3), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)):
+    for make in (lambda p: torch.optim.Adam(p, lr=1e-3),
+                 lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)):
         torch.manual_seed(0)
         args = module.parse_args(train_args(model, tiny_images, tmp_path))
         net, _, _, scaler = module.build(args, torch.device("cpu"))
         optimizer = make(net.parameters())
         before = [p.detach().clone() for p in net.parameters()]
         x = torch.full((16, 3, 32, 32), math.nan)
-        step = {"ncsn": lambda: ncsn.train_step(net, net, optimizer, scaler, x, torch.tensor([1.0, 0.1]), args, None),
-                "vae": lambda: vae.train_step(net, net, optimizer, scaler, x, 1.0, args, {
-                    "grad_norm_avg": torch.tensor(math.inf), "clipped_outliers": torch.tensor(0)}, None),
-                "ebm": lambda: ebm.train_step(net, net, optimizer, scaler, ebm.ReplayBuffer(64, (3, 32, 32), "cpu"),
-                                              x, args, None)}[model]
+        step = {
+            "ncsn": lambda: ncsn.train_step(
+                net, net, optimizer, scaler, x, torch.tensor([1.0, 0.1]), args, None),  # noqa: B023
+            "vae": lambda: vae.train_step(
+                net, net, optimizer, scaler, x, 1.0, args,  # noqa: B023
+                {"grad_norm_avg": torch.tensor(math.inf), "clipped_outliers": torch.tensor(0)},
+                None),
+            "ebm": lambda: ebm.train_step(
+                net, net, optimizer, scaler,  # noqa: B023
+                ebm.ReplayBuffer(64, (3, 32, 32), "cpu"), x, args, None)}[model]  # noqa: B023
         logs, bad = step()
         assert bad and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_the_benchmark_times_what_training_runs(model, tmp_path):
-    out = run_script("experiments/bench.py", model, "--run-dir", tmp_path, "--device", "cpu", *TINY[model],
-                     "--repeats", 1)
+    out = run_script("experiments/bench.py", model, "--run-dir", tmp_path, "--device", "cpu",
+                     *TINY[model], "--repeats", 1)
     saved = json.loads((only_run(tmp_path) / "bench.json").read_text())
     assert saved["precision"] == "float32" and saved["model"] == model  # the CPU: no autocast
-    assert saved["train_images_per_s"] > 0 and saved["parameters"] > 0 and saved["projected_hours_200_epochs"] > 0
+    assert (saved["train_images_per_s"] > 0 and saved["parameters"] > 0
+            and saved["projected_hours_200_epochs"] > 0)
     assert saved["network_evaluations_per_s"] > 0 and saved["nfe_per_sample"] >= 1
     assert only_run(tmp_path).name.startswith(f"{model}-bench__") and "bench.json" in out.stdout
 
@@ -830,7 +920,8 @@ def test_the_benchmark_times_what_training_runs(model, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def gaussian_score(mu, var):
-    """The exact score of N(mu, var) (diagonal) convolved with N(0, sigma^2 I): -(x - mu) / (var + sigma^2)."""
+    """The exact score of N(mu, var) (diagonal) convolved with N(0, sigma^2 I):
+    -(x - mu) / (var + sigma^2)."""
     return lambda x, sigma: -(x - mu) / (var + sigma.view(-1, *[1] * (x.dim() - 1)) ** 2)
 
 
@@ -844,7 +935,8 @@ def test_ncsn_dsm_loss_of_the_exact_score_reaches_the_closed_form_minimum():
         exact = ncsn.dsm_loss(gaussian_score(mu, s2), x, sigmas, levels).mean()
         minimum = 0.5 * d * s2 / (s2 + sigma**2)  # 1/2 D s^2 / (s^2 + sigma^2)
         assert exact.item() == pytest.approx(minimum.item(), rel=0.02)
-        worse = ncsn.dsm_loss(lambda x, s: 1.2 * gaussian_score(mu, s2)(x, s), x, sigmas, levels).mean()
+        worse = ncsn.dsm_loss(lambda x, s: 1.2 * gaussian_score(mu, s2)(x, s), x, sigmas,
+                              levels).mean()
         assert worse > exact + 0.01
 
 
@@ -853,37 +945,44 @@ def test_ncsn_final_denoising_step_is_the_posterior_mean():
     mu, s2, sigma = torch.tensor([1.0, -2.0]), 0.7, torch.tensor(0.4)
     y = mu + (s2 + sigma**2) ** 0.5 * torch.randn(1000, 2)  # noisy observations of N(mu, s2 I)
     posterior_mean = mu + s2 / (s2 + sigma**2) * (y - mu)
-    assert torch.allclose(ncsn.finish(gaussian_score(mu, s2), y, sigma, True), posterior_mean, atol=1e-6)
+    assert torch.allclose(ncsn.finish(gaussian_score(mu, s2), y, sigma, True),
+                          posterior_mean, atol=1e-6)
 
 
-TIGHT, WIDE = 0.005, 0.3  # per-dimension data std: below sigma_L (like the directions across the image manifold)
+# per-dimension data std: below sigma_L (like the directions across the image manifold)
+TIGHT, WIDE = 0.005, 0.3
 
 
 def gaussian_data(dims=64):
-    """N(mu, diag(std^2)): half the dimensions tight, half wide, means spread over [0.2, 0.8]; its exact score,
-    and the statistics the samplers start from (mean and covariance)."""
+    """N(mu, diag(std^2)): half the dimensions tight, half wide, means spread over [0.2, 0.8]; its
+    exact score, and the statistics the samplers start from (mean and covariance)."""
     std = torch.cat([torch.full((dims // 2,), TIGHT), torch.full((dims // 2,), WIDE)])
     mu = torch.linspace(0.2, 0.8, dims)
     return mu, std, gaussian_score(mu, std**2), {"mean": mu, "cov": torch.diag(std**2)}
 
 
 def sample_gaussian(argv, n=2000, seed=0):
-    """(mean error, spread / truth in the tight and the wide directions, nfe) of ncsn.py's sampler for argv."""
+    """(mean error, spread / truth in the tight and the wide directions, nfe) of ncsn.py's sampler
+    for argv."""
     mu, std, score, stats = gaussian_data()
     args = ncsn.parse_args([*argv, "--batch-size", str(n)])
     torch.manual_seed(seed)
     x, nfe = ncsn.draw_samples(score, stats, n, args, torch.device("cpu"), None)
     sigma_l = args.sigma_min  # without denoising the chains approach p_sigma_L
-    ratio = x.std(0) / ((std**2 + sigma_l**2).sqrt() if not args.denoise else std**2 / (std**2 + sigma_l**2).sqrt())
+    ratio = x.std(0) / ((std**2 + sigma_l**2).sqrt() if not args.denoise
+                        else std**2 / (std**2 + sigma_l**2).sqrt())
     half = len(mu) // 2
-    return (x.mean(0) - mu).abs().max().item(), ratio[:half].mean().item(), ratio[half:].mean().item(), nfe
+    return ((x.mean(0) - mu).abs().max().item(), ratio[:half].mean().item(),
+            ratio[half:].mean().item(), nfe)
 
 
 @pytest.mark.parametrize("argv, nfe, spread", [(["--sampler", "ode", "--nfe", "100"], 100, 0.02),
-                                               (["--sampler", "ode", "--nfe", "18", "--preset", "ncsn2019"], 18, 0.05)])
+                                               (["--sampler", "ode", "--nfe", "18",
+                                                 "--preset", "ncsn2019"], 18, 0.05)])
 def test_ncsn_ode_sampler_draws_the_gaussian_with_its_mean_and_spread(argv, nfe, spread):
-    """The probability-flow ODE is exact up to Heun's error (measured 1.002 / 1.006 at 100 evaluations).
-    Bugs it catches (each injected, each failed): Euler instead of Heun (wide 0.958), the slope's sign (NaN)."""
+    """The probability-flow ODE is exact up to Heun's error (measured 1.002 / 1.006 at 100
+    evaluations). Bugs it catches (each injected, each failed): Euler instead of Heun (wide 0.958),
+    the slope's sign (NaN)."""
     mean_error, tight, wide, cost = sample_gaussian(["--no-denoise", *argv])
     assert cost in (nfe, nfe - 1)
     assert mean_error < 0.03  # 5 standard errors of the wide directions (0.3 / sqrt(2000))
@@ -892,25 +991,29 @@ def test_ncsn_ode_sampler_draws_the_gaussian_with_its_mean_and_spread(argv, nfe,
 
 @pytest.mark.parametrize("preset", ["ncsnv2", "ncsn2019"])
 def test_ncsn_preview_sampler_converges_at_its_budget(preset):
-    """The per-epoch previews (their sampler at its budget, final denoising included) on the exact score of
-    an image-shaped Gaussian, pixel std 0.1: within 10% of the truth's spread (measured 1.017 and 1.036).
-    Bug it catches: the old preview, 100 levels of one Langevin step with an eps tuned for 232 levels of 5
-    steps, which ends 8.5x too wide (4x for the 2019 setting)."""
+    """The per-epoch previews (their sampler at its budget, final denoising included) on the exact
+    score of an image-shaped Gaussian, pixel std 0.1: within 10% of the truth's spread
+    (measured 1.017 and 1.036). Bug it catches: the old preview, 100 levels of one Langevin step
+    with an eps tuned for 232 levels of 5 steps, which ends 8.5x too wide (4x for the 2019
+    setting)."""
     args = ncsn.preview_args(ncsn.parse_args(["--preset", preset, "--batch-size", "500"]))
     mu, var = torch.full((3, 32, 32), 0.5), torch.full((3, 32, 32), 0.01)
     torch.manual_seed(0)
-    x, nfe = ncsn.draw_samples(gaussian_score(mu, var), {"mean": mu, "cov": torch.diag(var.flatten())}, 500, args,
+    x, nfe = ncsn.draw_samples(gaussian_score(mu, var),
+                               {"mean": mu, "cov": torch.diag(var.flatten())}, 500, args,
                                torch.device("cpu"), None)
-    truth = 0.01 / (0.01 + 0.01**2) ** 0.5 if args.denoise else (0.01 + 0.01**2) ** 0.5  # after Tweedie, or not
-    assert nfe <= 50 and abs(x.std(0).mean().item() / truth - 1) < 0.1 and (x.mean(0) - mu).abs().max() < 0.03
+    # after Tweedie, or not
+    truth = 0.01 / (0.01 + 0.01**2) ** 0.5 if args.denoise else (0.01 + 0.01**2) ** 0.5
+    assert (nfe <= 50 and abs(x.std(0).mean().item() / truth - 1) < 0.1
+            and (x.mean(0) - mu).abs().max() < 0.03)
 
 
 def test_ncsn_every_sampler_starts_from_the_right_draw_even_at_a_small_sigma_1():
-    """The 2019 setting's sigma_1 = 1 against data with one wide direction (std 7.67: CIFAR-10's first principal
-    direction). Every sampler starts from N(mean, C + sigma_1^2 I), and the ODE, which cannot correct its
-    start, draws the wide direction right (measured 7.73 against 7.67). Bug it catches: a start that ignores
-    the data's covariance (uniform noise + sigma_1 z, as before: spread 1.02 for the ODE, 6.3 for annealed
-    Langevin)."""
+    """The 2019 setting's sigma_1 = 1 against data with one wide direction (std 7.67: CIFAR-10's
+    first principal direction). Every sampler starts from N(mean, C + sigma_1^2 I), and the ODE,
+    which cannot correct its start, draws the wide direction right (measured 7.73 against 7.67). Bug
+    it catches: a start that ignores the data's covariance (uniform noise + sigma_1 z, as before:
+    spread 1.02 for the ODE, 6.3 for annealed Langevin)."""
     d, g = 64, torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
     variances = torch.cat([torch.tensor([7.67**2]), torch.full((d - 1,), 0.1**2)])
@@ -921,7 +1024,8 @@ def test_ncsn_every_sampler_starts_from_the_right_draw_even_at_a_small_sigma_1()
 
     args = ncsn.preview_args(ncsn.parse_args(["--preset", "ncsn2019", "--batch-size", "2000"]))
     for stats, ok in (({"mean": mu, "cov": q @ torch.diag(variances) @ q.T}, True),
-                      ({"mean": mu, "cov": torch.eye(d) / 12}, False)):  # a uniform start's mean and covariance
+                      # a uniform start's mean and covariance
+                      ({"mean": mu, "cov": torch.eye(d) / 12}, False)):
         torch.manual_seed(0)
         x, _ = ncsn.draw_samples(score, stats, 2000, args, torch.device("cpu"), None)
         wide = ((x - mu) @ q[:, 0]).std().item() / (7.67**2 + 0.01**2) ** 0.5
@@ -929,50 +1033,60 @@ def test_ncsn_every_sampler_starts_from_the_right_draw_even_at_a_small_sigma_1()
 
 
 def test_ncsn_ncsnv2_sampler_settings_reach_the_spread_technique_4_predicts():
-    """Annealed Langevin with NCSNv2's L = 232, T = 5, eps = 6.2e-6 on the exact score of a Gaussian: the tight
-    directions end with the spread langevin_variance_ratio predicts for a chain whose excess variance carries
-    over from level to level (std 1.062 x the truth; NCSNv2's own formula assumes every level starts in
-    equilibrium and predicts 1.027), and langevin_eps gives a step that shrinks that bias. Bugs it catches
-    (injected, failed): the noise sqrt(2 alpha) written sqrt(alpha) (spread 0.75), alpha not scaled by
-    sigma_i^2 / sigma_L^2; and a mean not reached."""
+    """Annealed Langevin with NCSNv2's L = 232, T = 5, eps = 6.2e-6 on the exact score of a
+    Gaussian: the tight directions end with the spread langevin_variance_ratio predicts for a chain
+    whose excess variance carries over from level to level (std 1.062 x the truth; NCSNv2's own
+    formula assumes every level starts in equilibrium and predicts 1.027), and langevin_eps gives a
+    step that shrinks that bias. Bugs it catches (injected, failed): the noise sqrt(2 alpha) written
+    sqrt(alpha) (spread 0.75), alpha not scaled by sigma_i^2 / sigma_L^2; and a mean not reached."""
     sigmas = ncsn.geometric_sigmas(50, 0.01, 232)
     gamma = (sigmas[0] / sigmas[1]).item()
     predicted = ncsn.langevin_variance_ratio(6.2e-6, 5, gamma, 0.01) ** 0.5
-    mean_error, tight, wide, nfe = sample_gaussian(["--no-denoise"])  # the defaults: NCSNv2's sampler
+    # the defaults: NCSNv2's sampler
+    mean_error, tight, wide, nfe = sample_gaussian(["--no-denoise"])
     assert nfe == 1160 and ncsn.sampler_levels(ncsn.parse_args([]))[2] == 6.2e-6
-    assert mean_error < 0.03 and tight == pytest.approx(predicted, abs=0.01) and abs(tight - 1.027) > 0.02
+    assert (mean_error < 0.03 and tight == pytest.approx(predicted, abs=0.01)
+            and abs(tight - 1.027) > 0.02)
     better = ncsn.langevin_eps(sigmas, 5)
     _, tight_better, _, _ = sample_gaussian(["--no-denoise", "--step-eps", str(better)])
-    assert tight_better == pytest.approx(ncsn.langevin_variance_ratio(better, 5, gamma, 0.01) ** 0.5, abs=0.01)
+    assert tight_better == pytest.approx(
+        ncsn.langevin_variance_ratio(better, 5, gamma, 0.01) ** 0.5, abs=0.01)
     assert tight_better - 1 < 0.75 * (tight - 1)
 
 
 def test_ncsn_a_budget_picks_evenly_spaced_levels_and_an_explicit_step_eps_wins():
-    """--nfe with annealed Langevin. Bugs it catches: rounded rungs with unequal gaps for a network that
-    handles any sigma (ratios 1.077-1.117 at --nfe 500 before), eps computed from the first gap only, and
-    a user's --step-eps silently replaced."""
+    """--nfe with annealed Langevin. Bugs it catches: rounded rungs with unequal gaps for a network
+    that handles any sigma (ratios 1.077-1.117 at --nfe 500 before), eps computed from the first gap
+    only, and a user's --step-eps silently replaced."""
     sigmas, steps, eps = ncsn.sampler_levels(ncsn.parse_args(["--nfe", "500"]))
     ratios = sigmas[:-1] / sigmas[1:]
-    assert steps == 5 and len(sigmas) == 99 and torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-4)
+    assert (steps == 5 and len(sigmas) == 99
+            and torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-4))
     assert eps == ncsn.langevin_eps(sigmas, 5) and eps != 6.2e-6
     assert ncsn.sampler_levels(ncsn.parse_args(["--nfe", "500", "--step-eps", "3e-6"]))[2] == 3e-6
-    assert ncsn.sampler_levels(ncsn.parse_args([]))[2] == 6.2e-6  # the paper's on the paper's ladder
-    ladder = ncsn.geometric_sigmas(1.0, 0.01, 10)  # an 'embed' network: rungs of its ladder, gaps of 2 or 3
-    sigmas, steps, eps = ncsn.sampler_levels(ncsn.parse_args(["--preset", "ncsn2019", "--nfe", "500"]))
+    # the paper's on the paper's ladder
+    assert ncsn.sampler_levels(ncsn.parse_args([]))[2] == 6.2e-6
+    # an 'embed' network: rungs of its ladder, gaps of 2 or 3
+    ladder = ncsn.geometric_sigmas(1.0, 0.01, 10)
+    sigmas, steps, eps = ncsn.sampler_levels(ncsn.parse_args(["--preset", "ncsn2019",
+                                                              "--nfe", "500"]))
     rungs = [int(torch.isclose(ladder, s, rtol=1e-6).nonzero()) for s in sigmas]
     gaps = [b - a for a, b in zip(rungs, rungs[1:])]
     assert len(sigmas) == 5 and max(gaps) - min(gaps) == 1  # 9 rungs' gaps over 4 steps: 2, 2, 3, 2
     widest = (sigmas[:-1] / sigmas[1:]).max()
     assert widest > sigmas[0] / sigmas[1]  # eps follows the largest gap, not the first:
     assert eps == ncsn.langevin_eps(torch.stack([sigmas[-1] * widest, sigmas[-1]]), 100)
-    assert eps < ncsn.langevin_eps(torch.stack([sigmas[0], sigmas[1], sigmas[-1]]), 100)  # wider: smaller
+    # wider: smaller
+    assert eps < ncsn.langevin_eps(torch.stack([sigmas[0], sigmas[1], sigmas[-1]]), 100)
 
 
 def test_ncsn_every_sampler_costs_the_network_evaluations_it_reports():
-    """nfe (eval.json's nfe_per_sample, the --nfe knob) counted by a wrapper around the network. Bug it catches
-    (injected, failed): a cost formula that counts Heun's two evaluations per step as one."""
+    """nfe (eval.json's nfe_per_sample, the --nfe knob) counted by a wrapper around the network. Bug
+    it catches (injected, failed): a cost formula that counts Heun's two evaluations per step as
+    one."""
     for sampler in ("ald", "ode"):
-        for argv in ([], ["--nfe", "40"], ["--nfe", "41", "--no-denoise"], ["--preset", "ncsn2019"]):
+        for argv in ([], ["--nfe", "40"], ["--nfe", "41", "--no-denoise"],
+                     ["--preset", "ncsn2019"]):
             calls = []
 
             def counting(x, sigma, calls=calls):
@@ -980,66 +1094,74 @@ def test_ncsn_every_sampler_costs_the_network_evaluations_it_reports():
                 return -(x - 0.5)
 
             args = ncsn.parse_args(["--sampler", sampler, "--batch-size", "2", *argv])
-            _, nfe = ncsn.draw_samples(counting, {"mean": torch.zeros(3), "cov": torch.eye(3)}, 2, args,
-                                       torch.device("cpu"), None)
+            _, nfe = ncsn.draw_samples(counting, {"mean": torch.zeros(3), "cov": torch.eye(3)}, 2,
+                                       args, torch.device("cpu"), None)
             assert len(calls) == nfe, (sampler, argv)
-            if "--nfe" in argv:  # as close to the budget as the sampler's unit (ald: T steps; ode: 2) allows
+            # as close to the budget as the sampler's unit (ald: T steps; ode: 2) allows
+            if "--nfe" in argv:
                 unit = args.steps_per_level if sampler == "ald" else 2
                 assert int(argv[1]) - unit < nfe <= int(argv[1]), (sampler, argv, nfe)
 
 
 def two_mode_inpainting(sigma_factor=1.0, steps_per_level=5, n=2000, seed=0):
-    """Inpainting x = (x1, x2, x3, x4) ~ 1/2 N(+1, 0.3^2 I) + 1/2 N(-1, 0.3^2 I) given x1 = x2 = 0.4 (which
-    puts all the conditional's mass on the + mode), with annealed Langevin from sigma 5 to 0.01; the
-    observation is re-noised at sigma_factor x the level's sigma. Returns (the share of samples on the +
-    side, the std of the observed pixels around the observation at each level as the network saw them)."""
+    """Inpainting x = (x1, x2, x3, x4) ~ 1/2 N(+1, 0.3^2 I) + 1/2 N(-1, 0.3^2 I) given x1 = x2 = 0.4
+    (which puts all the conditional's mass on the + mode), with annealed Langevin from sigma 5 to
+    0.01; the observation is re-noised at sigma_factor x the level's sigma. Returns
+    (the share of samples on the + side, the std of the observed pixels around the observation at
+    each level as the network saw them)."""
     means, s = torch.tensor([[1.0] * 4, [-1.0] * 4]), 0.3
     seen = []
 
     def score(x, sigma):
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            log_p = torch.logsumexp(-((x[:, None] - means) ** 2).sum(-1) / (2 * (s**2 + sigma[0] ** 2)), 1)
+            log_p = torch.logsumexp(
+                -((x[:, None] - means) ** 2).sum(-1) / (2 * (s**2 + sigma[0] ** 2)), 1)
             seen.append((sigma[0].item(), (x[:, :2].detach() - 0.4).std().item()))
             return torch.autograd.grad(log_p.sum(), x)[0]
 
-    y, mask = torch.tensor([0.4, 0.4, 0.0, 0.0]).expand(n, 4), torch.tensor([True, True, False, False]).expand(n, 4)
+    y, mask = (torch.tensor([0.4, 0.4, 0.0, 0.0]).expand(n, 4),
+               torch.tensor([True, True, False, False]).expand(n, 4))
     sigmas = ncsn.geometric_sigmas(5.0, 0.01, 100)
-    observe = ncsn.observe
+    observe = ncsn_inpaint.observe
     torch.manual_seed(seed)
     try:
-        ncsn.observe = lambda x, sigma, observed, m: observe(x, sigma_factor * sigma, observed, m)
-        x = ncsn.annealed_langevin(score, 5 * torch.randn(n, 4), sigmas, steps_per_level,
-                                   ncsn.langevin_eps(sigmas, steps_per_level), False, y, mask)
+        ncsn_inpaint.observe = lambda x, sigma, observed, m: observe(x, sigma_factor * sigma,
+                                                                     observed, m)
+        eps = ncsn.langevin_eps(sigmas, steps_per_level)
+        x = ncsn_inpaint.inpainting_langevin(score, 5 * torch.randn(n, 4), sigmas, steps_per_level,
+                                             eps, y, mask, denoise=False)
     finally:
-        ncsn.observe = observe
+        ncsn_inpaint.observe = observe
     assert torch.equal(x[:, :2], y[:, :2])  # the observation itself at the end
     return (x[:, 2:].sum(1) > 0).float().mean().item(), seen
 
 
 def test_ncsn_inpainting_noises_the_observed_pixels_to_each_level():
-    """Alg. 2: at level i the network sees the observed pixels as the observation plus fresh noise of std
-    sigma_i, before every step. Bugs it catches: re-noising at 2 sigma, at sigma / 4, or not at all (the
-    old test could not tell them apart: the fresh noise cancels in a Gaussian's mean)."""
+    """Alg. 2: at level i the network sees the observed pixels as the observation plus fresh noise
+    of std sigma_i, before every step. Bugs it catches: re-noising at 2 sigma, at sigma / 4, or not
+    at all (the old test could not tell them apart: the fresh noise cancels in a Gaussian's
+    mean)."""
     for factor, ok in ((1.0, True), (2.0, False), (0.25, False)):
         _, seen = two_mode_inpainting(factor, steps_per_level=1, n=1000)
         worst = max(abs(std / sigma - 1) for sigma, std in seen)
-        assert (worst < 0.12) == ok, (factor, worst)  # 1,000 x 2 values: std's error ~2%, ~4% at worst
+        # 1,000 x 2 values: std's error ~2%, ~4% at worst
+        assert (worst < 0.12) == ok, (factor, worst)
 
 
 def test_ncsn_inpainting_samples_the_mode_the_observation_implies():
-    """The conditional puts all its mass on the + mode; the marginal splits 1/2, 1/2. Alg. 2 moves the
-    samples there: 0.97 on the + side over four seeds (0.966-0.974), the replacement method's known
-    shortfall from 1. Bug it catches: the observation imposed only at the end instead of before every
-    step (0.49-0.51)."""
+    """The conditional puts all its mass on the + mode; the marginal splits 1/2, 1/2. Alg. 2 moves
+    the samples there: 0.97 on the + side over four seeds (0.966-0.974), the replacement method's
+    known shortfall from 1. Bug it catches: the observation imposed only at the end instead of
+    before every step (0.49-0.51)."""
     shares = [two_mode_inpainting(seed=seed)[0] for seed in range(2)]
     assert min(shares) > 0.9, shares
-    observe = ncsn.observe
-    ncsn.observe = lambda x, sigma, observed, mask: x  # never conditioned while sampling
+    observe = ncsn_inpaint.observe
+    ncsn_inpaint.observe = lambda x, sigma, observed, mask: x  # never conditioned while sampling
     try:
         blind = two_mode_inpainting()[0]
     finally:
-        ncsn.observe = observe
+        ncsn_inpaint.observe = observe
     assert abs(blind - 0.5) < 0.05
 
 
@@ -1048,12 +1170,15 @@ def test_ncsn_ema_update_is_a_plain_average_outside_autograd():
     old = [p.clone() for p in ema.parameters()]
     ncsn.update_ema(ema, net, 0.9, step=10**6)  # long after the warm-up: d = decay
     for e, o, p in zip(ema.parameters(), old, net.parameters()):
-        assert torch.allclose(e, 0.9 * o + 0.1 * p) and e.is_leaf and e.grad_fn is None  # no graph kept
+        # no graph kept
+        assert torch.allclose(e, 0.9 * o + 0.1 * p) and e.is_leaf and e.grad_fn is None
     old = [p.clone() for p in ema.parameters()]
     ncsn.update_ema(ema, net, 0.999, step=0)  # the first step: d = 1 / 10
-    assert all(torch.allclose(e, 0.1 * o + 0.9 * p) for e, o, p in zip(ema.parameters(), old, net.parameters()))
+    assert all(torch.allclose(e, 0.1 * o + 0.9 * p)
+               for e, o, p in zip(ema.parameters(), old, net.parameters()))
     ncsn.update_ema(ema, net, 0.0, step=10**6)
-    assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), net.parameters()))  # decay 0: a copy
+    # decay 0: a copy
+    assert all(torch.equal(e, p) for e, p in zip(ema.parameters(), net.parameters()))
 
 
 def test_ncsn_geometric_sigmas_and_score_net_shapes():
@@ -1062,7 +1187,8 @@ def test_ncsn_geometric_sigmas_and_score_net_shapes():
     ratios = sigmas[1:] / sigmas[:-1]
     assert torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-4)
     default, *_ = ncsn.build(ncsn.parse_args([]), torch.device("cpu"))
-    assert 20e6 < sum(p.numel() for p in default.parameters()) < 35e6  # the papers' size (NCSNv2: 29.7M)
+    # the papers' size (NCSNv2: 29.7M)
+    assert 20e6 < sum(p.numel() for p in default.parameters()) < 35e6
     x, sigma = torch.rand(3, 3, 32, 32), torch.tensor([0.01, 1.0, 50.0])
     for mode in ("divide", "unconditional", "embed"):
         net = ncsn.ScoreNet(8, (1, 2), 1, mode)
@@ -1071,9 +1197,9 @@ def test_ncsn_geometric_sigmas_and_score_net_shapes():
 
 
 def test_ncsn_unconditional_network_is_ncsnv2s_technique_3():
-    """s(x, sigma) = f(x) / sigma with f never told sigma (NCSNv2's models/ncsnv2.py uses the level only to
-    divide). Bug it catches: an embedding, or the sigma-scaled input, leaking into the 'unconditional'
-    network (what the old ablation labelled technique 3 was f(x, sigma) / sigma)."""
+    """s(x, sigma) = f(x) / sigma with f never told sigma (NCSNv2's models/ncsnv2.py uses the level
+    only to divide). Bug it catches: an embedding, or the sigma-scaled input, leaking into the
+    'unconditional' network (what the old ablation labelled technique 3 was f(x, sigma) / sigma)."""
     torch.manual_seed(0)
     net = ncsn.ScoreNet(8, (1, 2), 1, "unconditional")
     torch.nn.init.normal_(net.out[-1].weight)  # (it starts at zero)
@@ -1085,20 +1211,23 @@ def test_ncsn_unconditional_network_is_ncsnv2s_technique_3():
     divide = ncsn.ScoreNet(8, (1, 2), 1, "divide")
     torch.nn.init.normal_(divide.out[-1].weight)
     with torch.no_grad():
-        assert not torch.allclose(divide(x, torch.full((2,), 0.01)) * 0.01, divide(x, torch.full((2,), 3.0)) * 3.0)
+        assert not torch.allclose(divide(x, torch.full((2,), 0.01)) * 0.01,
+                                  divide(x, torch.full((2,), 3.0)) * 3.0)
 
 
 def test_ncsn_both_score_parameterisations_reach_the_exact_score_from_sigma_1_to_0_01():
-    """Data at three flat-colour images x_k: the score of p_sigma is sum_k w_k(x) (x_k - x) / sigma^2, with
-    w = softmax_k(-|x - x_k|^2 / 2 sigma^2); its size grows as 1/sigma. A small network trained briefly by DSM on
-    sigma = 1, 0.1, 0.01 must reach it at both ends. Bug it catches: an 'embed' network whose last norm is not
-    sigma-conditioned (relative error 0.97 at sigma = 0.01: its output stuck at one size)."""
+    """Data at three flat-colour images x_k: the score of p_sigma is
+    sum_k w_k(x) (x_k - x) / sigma^2, with w = softmax_k(-|x - x_k|^2 / 2 sigma^2); its size grows
+    as 1/sigma. A small network trained briefly by DSM on sigma = 1, 0.1, 0.01 must reach it at both
+    ends. Bug it catches: an 'embed' network whose last norm is not sigma-conditioned (relative
+    error 0.97 at sigma = 0.01: its output stuck at one size)."""
     g = torch.Generator().manual_seed(0)
     points = torch.rand(3, 3, 1, 1, generator=g).expand(3, 3, 8, 8).contiguous()  # (K, 3, 8, 8)
     sigmas = ncsn.geometric_sigmas(1.0, 0.01, 3)
 
     def exact_score(x, sigma):
-        w = torch.softmax(-(x[:, None] - points).pow(2).flatten(2).sum(2) / (2 * sigma**2), dim=1)  # (B, K)
+        # (B, K)
+        w = torch.softmax(-(x[:, None] - points).pow(2).flatten(2).sum(2) / (2 * sigma**2), dim=1)
         return (torch.einsum("bk,kchw->bchw", w, points) - x) / sigma**2
 
     for mode in ("divide", "embed"):
@@ -1111,43 +1240,51 @@ def test_ncsn_both_score_parameterisations_reach_the_exact_score_from_sigma_1_to
             loss.backward()
             optimizer.step()
         for sigma in (1.0, 0.01):
-            x = points[torch.arange(256) % 3] + sigma * torch.randn(256, 3, 8, 8, generator=g)  # x ~ p_sigma
+            # x ~ p_sigma
+            x = points[torch.arange(256) % 3] + sigma * torch.randn(256, 3, 8, 8, generator=g)
             with torch.no_grad():
                 estimate, truth = net(x, torch.full((256,), sigma)), exact_score(x, sigma)
             relative_error = ((estimate - truth).pow(2).sum() / truth.pow(2).sum()).sqrt().item()
-            assert relative_error < 0.4, (mode, sigma, relative_error)  # measured 0.16-0.26; old 'embed': 0.97
+            # measured 0.16-0.26; old 'embed': 0.97
+            assert relative_error < 0.4, (mode, sigma, relative_error)
 
 
 def test_ncsn_divide_network_is_unchanged_and_embed_adds_only_the_conditional_norm():
-    """Bug it catches: the conditional norm leaking into the default ('divide') path, which must keep its
-    architecture and speed; 'embed' differs by one Linear (embedding -> scale and shift) and no affine."""
+    """Bug it catches: the conditional norm leaking into the default ('divide') path, which must
+    keep its architecture and speed; 'embed' differs by one Linear (embedding -> scale and shift)
+    and no affine."""
     divide, embed = ncsn.ScoreNet(8, (1, 2), 1, "divide"), ncsn.ScoreNet(8, (1, 2), 1, "embed")
     assert not any(isinstance(m, ncsn.SigmaGroupNorm) for m in divide.modules())
     assert isinstance(embed.out[0], ncsn.SigmaGroupNorm)
     extra = sum(p.numel() for p in embed.parameters()) - sum(p.numel() for p in divide.parameters())
     emb_dim, channels = 4 * 8, 8
-    assert extra == (emb_dim + 1) * 2 * channels - 2 * channels  # the Linear, minus GroupNorm's own affine
+    # the Linear, minus GroupNorm's own affine
+    assert extra == (emb_dim + 1) * 2 * channels - 2 * channels
     x, sigma = torch.rand(2, 3, 32, 32), torch.tensor([0.01, 50.0])
     assert embed(x, sigma).shape == divide(x, sigma).shape == (2, 3, 32, 32)
 
 
 def test_ncsn_head_reads_the_input_in_float32_under_bf16_autocast():
-    """At sigma = 0.01 bf16's rounding of the input is a fifth of the noise. Bug it catches: the head's autocast
-    guard removed (the head then sees and returns bfloat16)."""
+    """At sigma = 0.01 bf16's rounding of the input is a fifth of the noise. Bug it catches: the
+    head's autocast guard removed (the head then sees and returns bfloat16)."""
     net, seen = ncsn.ScoreNet(8, (1, 2), 1), {}
-    net.head.register_forward_hook(lambda module, inputs, output: seen.update(x=inputs[0], h=output))
+    net.head.register_forward_hook(
+        lambda module, inputs, output: seen.update(x=inputs[0], h=output))
     x = torch.rand(2, 3, 32, 32)
     net.down[0].conv1.register_forward_hook(lambda module, inputs, output: seen.update(next=output))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         net(x, torch.full((2,), 0.01))
-    assert seen["x"].dtype == seen["h"].dtype == torch.float32 and seen["next"].dtype == torch.bfloat16
-    assert torch.allclose(seen["x"], (x - 0.5) / (0.01**2 + 0.25) ** 0.5, rtol=0, atol=1e-6)  # the c_in scaling
+    assert (seen["x"].dtype == seen["h"].dtype == torch.float32
+            and seen["next"].dtype == torch.bfloat16)
+    # the c_in scaling
+    assert torch.allclose(seen["x"], (x - 0.5) / (0.01**2 + 0.25) ** 0.5, rtol=0, atol=1e-6)
 
 
 def test_ncsn_sigma_conditioned_norm_keeps_its_scale_precise_and_finite_under_autocast():
-    """The scale exp(a) must reach 1 / sigma_L = 100 and beyond, precisely. Bugs it catches: a computed in bf16
-    (a ~ 4.6 rounded by up to 0.016: the scale, and every score, off by up to 1.6%), or in float16 (a T4's
-    autocast), whose exp overflows to inf past a = 11.1 and turns the score into NaN."""
+    """The scale exp(a) must reach 1 / sigma_L = 100 and beyond, precisely. Bugs it catches: a
+    computed in bf16 (a ~ 4.6 rounded by up to 0.016: the scale, and every score, off by up to
+    1.6%), or in float16 (a T4's autocast), whose exp overflows to inf past a = 11.1 and turns the
+    score into NaN."""
     norm = ncsn.SigmaGroupNorm(8, 4)
     h, emb = torch.randn(2, 8, 4, 4), torch.randn(2, 4)
     torch.nn.init.normal_(norm.scale_shift.weight, std=0.3)
@@ -1156,7 +1293,8 @@ def test_ncsn_sigma_conditioned_norm_keeps_its_scale_precise_and_finite_under_au
         exact = norm(h, emb)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             rounded = norm(h, emb)
-    assert ((rounded - exact).abs().max() / exact.abs().max()).item() < 1e-4  # float32: 1e-7; bf16 would be 1e-2
+    # float32: 1e-7; bf16 would be 1e-2
+    assert ((rounded - exact).abs().max() / exact.abs().max()).item() < 1e-4
     torch.nn.init.constant_(norm.scale_shift.bias[:8], 12.0)  # log-scale 12: scale 1.6e5
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         out = norm(h, torch.zeros(2, 4))
@@ -1167,26 +1305,29 @@ def test_ncsn_sigma_conditioned_norm_keeps_its_scale_precise_and_finite_under_au
 # ncsn.py: training and commands
 # ------------------------------------------------------------------------------------------------
 
-def test_ncsn_non_finite_steps_leave_the_weights_alone_and_too_many_stop_the_run(tiny_images, tmp_path,
-                                                                                 monkeypatch):
+def test_ncsn_non_finite_steps_leave_the_weights_alone_and_too_many_stop_the_run(
+        tiny_images, tmp_path, monkeypatch):
     dsm, calls = ncsn.dsm_loss, []
 
     def every_second_step_diverges(*args, **kwargs):
         calls.append(1)
         return dsm(*args, **kwargs) * (float("nan") if len(calls) % 2 == 0 else 1.0)
 
-    monkeypatch.setattr(ncsn, "dsm_loss", lambda *a, **k: dsm(*a, **k) * float("nan"))  # every step diverges
+    # every step diverges
+    monkeypatch.setattr(ncsn, "dsm_loss", lambda *a, **k: dsm(*a, **k) * float("nan"))
     argv = train_args("ncsn", tiny_images, tmp_path, "--epochs", 1, "--max-bad-steps", 100)
     run = ncsn.main([*argv, "--name", "a"])
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     torch.manual_seed(1)  # the run's seed: the same initial weights
     initial = ncsn.build(ncsn.parse_args(TINY["ncsn"]), torch.device("cpu"))[0].state_dict()
-    assert all(torch.equal(ckpt["net"][k], initial[k]) for k in initial)  # four NaN steps changed nothing
+    # four NaN steps changed nothing
+    assert all(torch.equal(ckpt["net"][k], initial[k]) for k in initial)
     monkeypatch.setattr(ncsn, "dsm_loss", every_second_step_diverges)
     run = ncsn.main([*argv, "--name", "b", "--limit-test", "1"])
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     adam_steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
-    assert adam_steps == {2}  # of 4 steps, the 2 bad ones were skipped: no update, no moment or count change
+    # of 4 steps, the 2 bad ones were skipped: no update, no moment or count change
+    assert adam_steps == {2}
     monkeypatch.setattr(ncsn, "dsm_loss", lambda *a, **k: dsm(*a, **k) * float("nan"))
     with pytest.raises(common.UserError, match="training diverged.*last good checkpoint"):
         ncsn.main([*argv, "--name", "c", "--max-bad-steps", "2"])
@@ -1208,34 +1349,41 @@ def test_ncsn_sample_inpaint_and_eval_with_each_sampler(tiny_images, tmp_path, c
     samples = np.load(run / "samples.npz")["samples"]
     assert samples.shape == (10, 32, 32, 3) and samples.dtype == np.uint8
     assert (run / "samples.png").exists() and (run / "trajectory.png").exists()
-    ncsn.main(["--inpaint", str(run)])
+    ncsn_inpaint.inpaint([str(run)])  # NCSN Alg. 2: experiments/ncsn_inpaint.py
     assert (run / "inpaint_right_half.png").exists() and (run / "inpaint_centre.png").exists()
     ncsn.main(["--eval", str(run), "--n", "12", "--fid-extractor", "tiny-random"])
     result = json.loads((run / "eval.json").read_text())
-    assert result["n_samples"] == 12 and math.isfinite(result["fid"]) and result["nfe_per_sample"] == 11
-    assert result["sampler"] == "ald" and 0 < result["test_dsm"] < 3 * 1536  # near D/2: a zero score
+    assert (result["n_samples"] == 12 and math.isfinite(result["fid"])
+            and result["nfe_per_sample"] == 11)
+    # near D/2: a zero score
+    assert result["sampler"] == "ald" and 0 < result["test_dsm"] < 3 * 1536
     assert set(result) >= {"test_dsm_q1", "test_dsm_q4", "sampling_seconds_per_1000"}
-    ncsn.main(["--eval", str(run), "--n", "12", "--fid-extractor", "tiny-random", "--sampler", "ode", "--nfe", "8"])
+    ncsn.main(["--eval", str(run), "--n", "12", "--fid-extractor", "tiny-random",
+               "--sampler", "ode", "--nfe", "8"])
     result = json.loads((run / "eval.json").read_text())
-    assert result["sampler"] == "ode" and result["nfe_per_sample"] == 7 and math.isfinite(result["fid"])
+    assert (result["sampler"] == "ode" and result["nfe_per_sample"] == 7
+            and math.isfinite(result["fid"]))
     capsys.readouterr()
     ncsn.main(["--sample", str(run), "--n", "4", "--sampler", "ode", "--nfe", "9"])
     assert "9 network evaluations each" in capsys.readouterr().out
     with pytest.raises(ncsn.UserError, match="ode cannot inpaint"):
-        ncsn.main(["--inpaint", str(run), "--sampler", "ode"])
+        ncsn_inpaint.inpaint([str(run), "--sampler", "ode"])
     with pytest.raises(SystemExit):
         ncsn.main(["--sample", str(run), "--sampler", "ode", "--nfe", "1"])
-    assert "--nfe 1 is too few for --sampler ode" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # an 'embed' network is not asked about sigmas between its 10 levels
+    assert "--nfe 1: --sampler ode needs two levels at least" in capsys.readouterr().err
+    # an 'embed' network is not asked about sigmas between its 10 levels
+    with pytest.raises(SystemExit):
         ncsn.parse_args(["--preset", "ncsn2019", "--sampler", "ode", "--nfe", "58"])
-    assert "needs more levels than the 10 this 'embed' network" in capsys.readouterr().err
+    assert "at most the 10 an 'embed' network knows" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not REAL_DATA.exists(), reason="the shared CIFAR-10 JPEG copy is not on this machine")
+@pytest.mark.skipif(not REAL_DATA.exists(),
+                    reason="the shared CIFAR-10 JPEG copy is not on this machine")
 def test_ncsn_learns_real_cifar10(tmp_path):
-    args = ["--data", REAL_DATA, "--data-root", ROOT / "data", "--run-dir", tmp_path, "--limit-train", 2048,
-            "--width", "16", "--channel-mult", "1,2,2", "--num-res-blocks", "1", "--num-scales", "10",
-            "--steps-per-level", "1", "--batch-size", "32", "--limit-test", "200", "--lr", "1e-3", "--ema", "0",
+    args = ["--data", REAL_DATA, "--data-root", ROOT / "data", "--run-dir", tmp_path,
+            "--limit-train", 2048, "--width", "16", "--channel-mult", "1,2,2",
+            "--num-res-blocks", "1", "--num-scales", "10", "--steps-per-level", "1",
+            "--batch-size", "32", "--limit-test", "200", "--lr", "1e-3", "--ema", "0",
             "--log-every", "16"]
     run_script("ncsn.py", *args, "--epochs", "3", timeout=600)  # 3 x 64 steps
     dsm = [r["test_dsm"] for r in common.read_metrics(only_run(tmp_path)) if "test_dsm" in r]
@@ -1249,7 +1397,8 @@ def test_ncsn_learns_real_cifar10(tmp_path):
 def pinned_params(m, pinned, generator):
     """Random mixture parameters (1, 10m, 1, 1) whose channel `pinned` is certain to be -1 or +1."""
     params = torch.randn(1, 10 * m, 1, 1, generator=generator, dtype=torch.float64)
-    means, log_scales, coeffs = (params[0, m + i * 3 * m:m + (i + 1) * 3 * m].view(3, m) for i in range(3))
+    means, log_scales, coeffs = (params[0, m + i * 3 * m:m + (i + 1) * 3 * m].view(3, m)
+                                 for i in range(3))
     means *= 1.5  # some means beyond [-1, 1]: the open edge bins must catch their mass
     means[0, 0], log_scales[0, 0] = 1.3, -9.0  # past the top edge, smallest scale (clamped to e^-7)
     means[pinned] = 5.0 if pinned == 2 else -5.0
@@ -1262,8 +1411,9 @@ def pinned_params(m, pinned, generator):
 def test_vae_discretized_likelihood_sums_to_one_over_all_256_values_including_edges(pinned):
     """The joint P(R, G, B) with the R -> G -> B coupling sums to 1 over all 256 x 256 x 256 values.
 
-    One channel is made certain (all its mass on value 0 or 255), so the sum over the other two channels'
-    256 x 256 values is the whole sum: pinned B checks R and G -> R; pinned R checks G and B -> R, G.
+    One channel is made certain (all its mass on value 0 or 255), so the sum over the other two
+    channels' 256 x 256 values is the whole sum: pinned B checks R and G -> R; pinned R checks G and
+    B -> R, G.
     """
     g = torch.Generator().manual_seed(pinned)
     m = 3
@@ -1271,7 +1421,8 @@ def test_vae_discretized_likelihood_sums_to_one_over_all_256_values_including_ed
     values = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # the 256 values on [-1, 1]
     first, second = torch.meshgrid(values, values, indexing="ij")  # (256, 256): one pixel per pair
     fixed = torch.full_like(first, 1.0 if pinned == 2 else -1.0)
-    x = torch.stack([first, second, fixed] if pinned == 2 else [fixed, first, second])[None]  # (1, 3, 256, 256)
+    # (1, 3, 256, 256)
+    x = torch.stack([first, second, fixed] if pinned == 2 else [fixed, first, second])[None]
     probs = vae.discretized_logistic_mixture_logp(x, params.expand(1, -1, 256, 256), m).exp()
     assert probs.sum().item() == pytest.approx(1.0, abs=1e-9)
     assert probs[0, -1].sum() > 0.01 and probs[0, 0].sum() > 1e-4  # the edge rows carry real mass
@@ -1281,23 +1432,28 @@ def test_vae_uniform_decoder_gives_exactly_8_bits_per_dim(monkeypatch):
     net = vae.VAE(width=8, blocks=1, latent_channels=4, mixtures=2)
     torch.nn.init.zeros_(net.encoder[-1].weight)  # q(z|x) = N(0, I) = p(z): KL exactly 0
     torch.nn.init.zeros_(net.encoder[-1].bias)
-    uniform = lambda x, params, m: torch.full((len(x), 32, 32), -3 * math.log(256), dtype=torch.float64)  # noqa: E731
+    uniform = lambda x, params, m: torch.full((len(x), 32, 32), -3 * math.log(256),  # noqa: E731
+                                              dtype=torch.float64)
     monkeypatch.setattr(vae, "discretized_logistic_mixture_logp", uniform)
     images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
     args = vae.parse_args(["--batch-size", "4"])
     result = vae.test_metrics(net, images, args, torch.device("cpu"), None)
     assert result["test_bpd"] == pytest.approx(8.0, abs=1e-12)
-    assert result["test_distortion_bpd"] == pytest.approx(8.0, abs=1e-12) and result["test_rate_bpd"] == 0
+    assert (result["test_distortion_bpd"] == pytest.approx(8.0, abs=1e-12)
+            and result["test_rate_bpd"] == 0)
     assert result["active_units"] == 0  # every posterior mean is 0: no unit is active
-    distortion, rate = vae.bits_per_dim(torch.tensor([-3072 * math.log(2)]), torch.tensor([[3072 * 0.5]]))
+    distortion, rate = vae.bits_per_dim(torch.tensor([-3072 * math.log(2)]),
+                                        torch.tensor([[3072 * 0.5]]))
     assert (distortion.item(), rate.item()) == pytest.approx((1.0, 0.5 / math.log(2)))
 
 
 def test_vae_analytic_kl_matches_monte_carlo():
     g = torch.Generator().manual_seed(0)
-    mu, logvar = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    mu, logvar = (torch.randn(6, generator=g, dtype=torch.float64),
+                  torch.randn(6, generator=g, dtype=torch.float64))
     z = mu + (0.5 * logvar).exp() * torch.randn(400_000, 6, generator=g, dtype=torch.float64)
-    monte_carlo = (vae.log_normal(z, mu, logvar) - vae.log_normal(z, 0 * z, 0 * z)).mean(0)  # E_q[log q - log p]
+    # E_q[log q - log p]
+    monte_carlo = (vae.log_normal(z, mu, logvar) - vae.log_normal(z, 0 * z, 0 * z)).mean(0)
     assert torch.allclose(monte_carlo, vae.gaussian_kl(mu, logvar), atol=0.02, rtol=0.02)
     assert vae.gaussian_kl(torch.zeros(3), torch.zeros(3)).abs().max() == 0  # q = p
 
@@ -1312,14 +1468,16 @@ def test_vae_iwae_bound_k1_is_the_elbo_in_expectation_and_k8_is_at_least_the_elb
         log_px_z, kl = net(x)
         elbo = (log_px_z - kl.sum(1)).view(2, n)  # analytic KL, one z per draw
         iwae_1 = vae.iwae_logp(net, x, 1).view(2, n)  # Monte Carlo KL, one z per draw
-        iwae_8 = vae.iwae_logp(net, x[::4], 8).view(2, n // 4)  # 8 z per draw, a quarter of the draws
+        # 8 z per draw, a quarter of the draws
+        iwae_8 = vae.iwae_logp(net, x[::4], 8).view(2, n // 4)
     se = ((elbo.var(1) + iwae_1.var(1)) / n).sqrt()
     assert ((elbo.mean(1) - iwae_1.mean(1)).abs() < 4 * se).all()
     assert (iwae_8.mean(1) > elbo.mean(1)).all()  # a tighter bound on log p(x)
 
 
 def test_vae_free_bits_stop_the_gradient_of_a_small_kl_only():
-    kl = torch.tensor([[0.5, 5.0], [1.5, 7.0]], requires_grad=True)  # (B, C): channel 0 averages 1.0 nats
+    # (B, C): channel 0 averages 1.0 nats
+    kl = torch.tensor([[0.5, 5.0], [1.5, 7.0]], requires_grad=True)
     loss = vae.training_loss(torch.zeros(2), kl, beta=1.0, free_nats=2.0)
     loss.backward()
     assert loss.item() == pytest.approx((2.0 + 6.0) / 3072)  # max(2, 1) + max(2, 6)
@@ -1327,19 +1485,24 @@ def test_vae_free_bits_stop_the_gradient_of_a_small_kl_only():
 
 
 def test_vae_iwae_bound_is_exactly_log_px_when_every_importance_weight_is_equal(monkeypatch):
-    """Replaces the constant-checking role of test_vae_iwae_bound_k1_is_the_elbo_in_expectation_and_k8_is_...,
-    which passes with a missing or wrong `- log K`. Here q(z|x) = p(z) and the decoder ignores z, so every
-    weight p(x|z_k) p(z_k) / q(z_k|x) equals p(x) and L_K = log p(x) exactly for every K; p(x) is computed
-    independently from the logistic CDF. Bug it catches: a missing `- math.log(k)` (off by log K), or a wrong
-    constant such as log(chunk) (K = 30 spans two chunks of 25)."""
+    """Replaces the constant-checking role of
+    test_vae_iwae_bound_k1_is_the_elbo_in_expectation_and_k8_is_..., which passes with a missing or
+    wrong `- log K`. Here q(z|x) = p(z) and the decoder ignores z, so every weight p(x|z_k) p(z_k) /
+    q(z_k|x) equals p(x) and L_K = log p(x) exactly for every K; p(x) is computed independently from
+    the logistic CDF. Bug it catches: a missing `- math.log(k)` (off by log K), or a wrong constant
+    such as log(chunk) (K = 30 spans two chunks of 25)."""
     m, g = 1, torch.Generator().manual_seed(0)
     net = vae.VAE(width=8, blocks=1, latent_channels=4, mixtures=m)
-    params = torch.rand(1, 10, 32, 32, generator=g) * 2 - 1  # logits, 3 means, 3 log-scales, 3 coefficients
-    params[:, 4:7] = params[:, 4:7] / 2 - 0.5  # log-scales in [-1, 0]: every bin's mass is far from underflow
+    # logits, 3 means, 3 log-scales, 3 coefficients
+    params = torch.rand(1, 10, 32, 32, generator=g) * 2 - 1
+    # log-scales in [-1, 0]: every bin's mass is far from underflow
+    params[:, 4:7] = params[:, 4:7] / 2 - 0.5
     params[:, 7:] = 0.0  # no R -> G -> B coupling: three independent logistics per pixel
-    monkeypatch.setattr(net, "encode", lambda x: (torch.zeros(len(x), 4, 8, 8), torch.zeros(len(x), 4, 8, 8)))
+    monkeypatch.setattr(net, "encode", lambda x: (torch.zeros(len(x), 4, 8, 8),
+                                                  torch.zeros(len(x), 4, 8, 8)))
     monkeypatch.setattr(net, "decode", lambda z: params.expand(len(z), -1, -1, -1))
-    x = torch.randint(0, 256, (3, 3, 32, 32), generator=g).float() / 127.5 - 1  # edge values 0 and 255 included
+    # edge values 0 and 255 included
+    x = torch.randint(0, 256, (3, 3, 32, 32), generator=g).float() / 127.5 - 1
     mean, inv_s = params[:, 1:4].double(), torch.exp(-params[:, 4:7].double())  # (1, 3, 32, 32)
     xd = x.double()
     upper = torch.where(xd > 0.999, 1.0, torch.sigmoid(inv_s * (xd + 1 / 255 - mean)))
@@ -1348,59 +1511,75 @@ def test_vae_iwae_bound_is_exactly_log_px_when_every_importance_weight_is_equal(
     for k in (1, 7, 30):
         torch.manual_seed(k)
         iwae = vae.iwae_logp(net, x, k)
-        assert torch.allclose(iwae.double(), log_px, rtol=0, atol=0.05), (k, iwae - log_px)  # log 7 = 1.95
+        # log 7 = 1.95
+        assert torch.allclose(iwae.double(), log_px, rtol=0, atol=0.05), (k, iwae - log_px)
 
 
 def test_vae_decoder_samples_follow_the_discretized_likelihood():
-    """Samples of p(x|z) (what FID now scores) have the frequencies Eq. (3) assigns. Bugs it catches: the
-    logistic's inverse CDF with the wrong sign or scale, the component drawn from the wrong logits, the edge
-    bins closed, the G-on-R coupling applied to the mean instead of the drawn R."""
+    """Samples of p(x|z) (what FID now scores) have the frequencies Eq. (3) assigns. Bugs it
+    catches: the logistic's inverse CDF with the wrong sign or scale, the component drawn from the
+    wrong logits, the edge bins closed, the G-on-R coupling applied to the mean instead of the drawn
+    R."""
     m, n = 3, 40_000
     g = torch.Generator().manual_seed(0)
     params = torch.randn(1, 10 * m, 1, 1, generator=g)
-    means, log_scales, coeffs = (params[0, m + i * 3 * m:m + (i + 1) * 3 * m].view(3, m) for i in range(3))
-    means[0] = torch.tensor([-0.95, 0.2, 0.9])  # R: mass in the bottom edge bin, the middle and near the top
+    means, log_scales, coeffs = (params[0, m + i * 3 * m:m + (i + 1) * 3 * m].view(3, m)
+                                 for i in range(3))
+    # R: mass in the bottom edge bin, the middle and near the top
+    means[0] = torch.tensor([-0.95, 0.2, 0.9])
     log_scales[0] = torch.tensor([-2.5, -3.0, -4.0])
-    means[1:], log_scales[1:] = -5.0, -9.0  # G and B certain (value 0) whatever R is: P(R, G, B) = P(R)
+    # G and B certain (value 0) whatever R is: P(R, G, B) = P(R)
+    means[1:], log_scales[1:] = -5.0, -9.0
     coeffs[:] = 0.3
     torch.manual_seed(1)
     x = vae.sample_mixture(params.expand(n, -1, 1, 1), m)  # (n, 3, 1, 1)
-    assert (x[:, 1:] == -1).all() and torch.equal(x, ((x + 1) * 127.5).round() / 127.5 - 1)  # on the 256 values
+    # on the 256 values
+    assert (x[:, 1:] == -1).all() and torch.equal(x, ((x + 1) * 127.5).round() / 127.5 - 1)
     counts = torch.bincount(((x[:, 0, 0, 0] + 1) * 127.5).round().long(), minlength=256).double()
     values = torch.arange(256.0) / 127.5 - 1
     grid = torch.stack([values, -torch.ones(256), -torch.ones(256)]).view(1, 3, 1, 256)
-    p = vae.discretized_logistic_mixture_logp(grid, params.expand(1, -1, 1, 256), m).exp().double().view(256)
-    assert p.sum() == pytest.approx(1.0, abs=1e-4) and counts[0] > 1000  # the open bottom bin is well used
+    p = vae.discretized_logistic_mixture_logp(
+        grid, params.expand(1, -1, 1, 256), m).exp().double().view(256)
+    # the open bottom bin is well used
+    assert p.sum() == pytest.approx(1.0, abs=1e-4) and counts[0] > 1000
     z = (counts / n - p) / (p * (1 - p) / n).sqrt().clamp(min=1e-3)
     assert z.abs().max() < 5, z.abs().max()
     # coupling: a near-certain G sits at mean_G + alpha R, with R the value drawn (one component)
-    params = torch.tensor([0.0, 0.0, 0.1, -5.0, -1.0, -9.0, -9.0, math.atanh(0.5), 0.0, 0.0]).view(1, 10, 1, 1)
-    # logit; means R, G, B; log-scales (R wide, G and B certain); alpha = tanh(atanh 0.5): G = 0.1 + 0.5 R
+    params = torch.tensor(
+        [0.0, 0.0, 0.1, -5.0, -1.0, -9.0, -9.0, math.atanh(0.5), 0.0, 0.0]).view(1, 10, 1, 1)
+    # logit; means R, G, B; log-scales (R wide, G and B certain); alpha = tanh(atanh 0.5):
+    # G = 0.1 + 0.5 R
     x = vae.sample_mixture(params.expand(2000, -1, 1, 1), 1)
-    assert x[:, 0].std() > 0.3 and (x[:, 1] - (0.1 + 0.5 * x[:, 0])).abs().max() < 0.02  # a bin, and s = e^-7
+    # a bin, and s = e^-7
+    assert x[:, 0].std() > 0.3 and (x[:, 1] - (0.1 + 0.5 * x[:, 0])).abs().max() < 0.02
 
 
 def test_vae_kl_weight_zero_leaves_no_kl_gradient_and_warm_up_scales_to_the_kl_weight():
-    """beta = --kl-weight x warm-up ramp; beta = 0 drops the KL from the loss, and the step's gradient is the
-    reconstruction term's alone. Bugs it catches: a warm-up that ramps to 1 whatever --kl-weight says, free bits
-    adding a KL term at beta = 0, and 0 * KL turning into NaN once an unpenalised KL overflows."""
+    """beta = --kl-weight x warm-up ramp; beta = 0 drops the KL from the loss, and the step's
+    gradient is the reconstruction term's alone. Bugs it catches: a warm-up that ramps to 1 whatever
+    --kl-weight says, free bits adding a KL term at beta = 0, and 0 * KL turning into NaN once an
+    unpenalised KL overflows."""
     args = vae.parse_args(["--preset", "aasae"])
     assert (args.kl_weight, args.augment, args.kl_warmup, args.free_bits) == (0.0, True, 0.0, 0.0)
     assert all(vae.schedule(step, 10, args)[1] == 0 for step in range(50))
     args = vae.parse_args(["--preset", "aasae", "--kl-warmup", "2", "--free-bits", "0.5"])
-    assert all(vae.schedule(step, 10, args)[1] == 0 for step in range(50))  # even with warm-up and free bits
+    # even with warm-up and free bits
+    assert all(vae.schedule(step, 10, args)[1] == 0 for step in range(50))
     for weight in (1.0, 0.25):
-        args = vae.parse_args(["--kl-weight", str(weight), "--kl-warmup", "2", "--warmup-steps", "100"])
-        assert vae.schedule(9, 10, args)[1] == pytest.approx(weight / 2) and vae.schedule(19, 10, args)[1] == weight
-        assert vae.schedule(500, 10, args) == (args.lr, weight) and vae.schedule(49, 10, args)[0] == args.lr / 2
+        args = vae.parse_args(["--kl-weight", str(weight), "--kl-warmup", "2",
+                               "--warmup-steps", "100"])
+        assert (vae.schedule(9, 10, args)[1] == pytest.approx(weight / 2)
+                and vae.schedule(19, 10, args)[1] == weight)
+        assert (vae.schedule(500, 10, args) == (args.lr, weight)
+                and vae.schedule(49, 10, args)[0] == args.lr / 2)
     kl = torch.tensor([[0.5, float("inf")], [1.5, 7.0]], requires_grad=True)  # an overflowed KL
     log_px_z = torch.tensor([-3000.0, -2000.0], requires_grad=True)
     loss = vae.training_loss(log_px_z, kl, beta=0.0, free_nats=2.0)
     loss.backward()
     assert loss.item() == pytest.approx(2500 / 3072) and (kl.grad is None or not kl.grad.any())
     # one real training step at beta = 0: its gradient is that of the reconstruction term alone
-    args = vae.parse_args(["--width", "8", "--blocks", "1", "--latent-channels", "4", "--mixtures", "2", "--preset",
-                           "aasae", "--free-bits", "0.5"])
+    args = vae.parse_args(["--width", "8", "--blocks", "1", "--latent-channels", "4",
+                           "--mixtures", "2", "--preset", "aasae", "--free-bits", "0.5"])
     torch.manual_seed(0)
     net, _, optimizer, scaler = vae.build(args, torch.device("cpu"))
     x = torch.rand(4, 3, 32, 32)
@@ -1414,7 +1593,8 @@ def test_vae_kl_weight_zero_leaves_no_kl_gradient_and_warm_up_scales_to_the_kl_w
     log_px_z, _ = net(x * 2 - 1, view)
     (-log_px_z.mean() / 3072).backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
-    assert all(torch.allclose(a, p.grad, rtol=1e-5, atol=1e-8) for a, p in zip(ours, net.parameters()))
+    assert all(torch.allclose(a, p.grad, rtol=1e-5, atol=1e-8)
+               for a, p in zip(ours, net.parameters()))
 
 
 def vae_state():
@@ -1426,41 +1606,48 @@ def vae_state():
 # ------------------------------------------------------------------------------------------------
 
 def test_vae_non_finite_updates_are_skipped_and_outlying_ones_clipped():
-    """A NaN batch is skipped (no update at all); a gradient norm 100x its running average is clipped to
-    --skip-factor (10) x the average, and the update taken. Bugs it catches: an outlier passed unclipped,
-    the running average moved by a non-finite norm."""
+    """A NaN batch is skipped (no update at all); a gradient norm 100x its running average is
+    clipped to --skip-factor (10) x the average, and the update taken. Bugs it catches: an outlier
+    passed unclipped, the running average moved by a non-finite norm."""
     torch.manual_seed(0)
     args = vae.parse_args([*TINY["vae"], "--free-bits", "0", "--device", "cpu", "--grad-clip", "0"])
     net, _, optimizer, scaler = vae.build(args, torch.device("cpu"))
     x, state = torch.rand(4, 3, 32, 32), vae_state()
-    step = lambda batch: vae.train_step(net, net, optimizer, scaler, batch, 1.0, args, state, None)  # noqa: E731
+    step = lambda batch: vae.train_step(net, net, optimizer, scaler, batch, 1.0,  # noqa: E731
+                                        args, state, None)
     before = [p.detach().clone() for p in net.parameters()]
     logs, bad = step(x.clone().fill_(float("nan")))
-    assert bad and all(torch.equal(a, b) for a, b in zip(before, net.parameters())) and state["grad_norm_avg"].isinf()
+    assert (bad and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+            and state["grad_norm_avg"].isinf())
     logs, bad = step(x)
-    assert not bad and state["grad_norm_avg"] == logs["grad_norm"]  # the first finite step sets the average
+    # the first finite step sets the average
+    assert not bad and state["grad_norm_avg"] == logs["grad_norm"]
     state["grad_norm_avg"] = logs["grad_norm"] / 100  # the next gradient looks 100x above normal
     seen = {}
     clip = torch.nn.utils.clip_grad_norm_
-    torch.nn.utils.clip_grad_norm_ = lambda params, limit: seen.setdefault("limit", limit) * 0 + clip(params, limit)
+    torch.nn.utils.clip_grad_norm_ = (lambda params, limit: seen.setdefault("limit", limit) * 0
+                                      + clip(params, limit))
     try:
         logs, bad = step(x)
     finally:
         torch.nn.utils.clip_grad_norm_ = clip
-    assert not bad and state["clipped_outliers"] == 1 and logs["grad_norm"] > 50 * seen["limit"] / 10
+    assert (not bad and state["clipped_outliers"] == 1
+            and logs["grad_norm"] > 50 * seen["limit"] / 10)
     assert seen["limit"] == pytest.approx(10 * logs["grad_norm"].item() / 100, rel=0.2)
 
 
 @pytest.mark.parametrize("trained", ["vae"], indirect=True)
 def test_vae_logs_bits_per_dim_and_writes_previews(trained):
     _, _, full, _, _ = trained
-    assert (full / "samples" / "epoch_0002.png").read_bytes()[:4] == b"\x89PNG"  # samples, means, reconstructions
+    # samples, means, reconstructions
+    assert (full / "samples" / "epoch_0002.png").read_bytes()[:4] == b"\x89PNG"
     epochs = [r for r in common.read_metrics(full) if "test_bpd" in r]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]  # epoch 0: the model at initialisation
     for r in epochs:
         assert r["test_bpd"] == pytest.approx(r["test_distortion_bpd"] + r["test_rate_bpd"])
         assert 0 < r["test_bpd"] < 12 and 0 <= r["active_units"] <= r["latent_dims"] == 4 * 8 * 8
-    assert any("distortion_bpd" in r and "rate_bpd" in r and "grad_norm" in r for r in common.read_metrics(full))
+    assert any("distortion_bpd" in r and "rate_bpd" in r and "grad_norm" in r
+               for r in common.read_metrics(full))
     summary = json.loads((full / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["test_bpd"] == epochs[-1]["test_bpd"]
 
@@ -1469,11 +1656,13 @@ def test_vae_sample_interpolate_and_eval(tiny_images, tmp_path, capsys):
     run = vae.main(train_args("vae", tiny_images, tmp_path, "--epochs", 1))
     vae.main(["--sample", str(run), "--n", "16", "--temperature", "0.7"])
     saved = np.load(run / "samples.npz")
-    assert saved["samples"].shape == saved["means"].shape == (16, 32, 32, 3) and saved["samples"].dtype == np.uint8
+    assert (saved["samples"].shape == saved["means"].shape == (16, 32, 32, 3)
+            and saved["samples"].dtype == np.uint8)
     assert (run / "samples.png").exists() and not np.array_equal(saved["samples"], saved["means"])
-    vae.main(["--interpolate", str(run)])
+    run_script("experiments/vae_interpolate.py", run)
     assert (run / "interpolations.png").read_bytes()[:4] == b"\x89PNG"
-    vae.main(["--eval", str(run), "--n", "16", "--iw-samples", "4", "--fid-extractor", "tiny-random"])
+    vae.main(["--eval", str(run), "--n", "16", "--iw-samples", "4",
+              "--fid-extractor", "tiny-random"])
     result = json.loads((run / "eval.json").read_text())
     assert result["n_samples"] == 16 and result["n_test"] == 16 and result["iw_samples"] == 4
     assert result["test_iwae_bpd"] <= result["test_bpd"] + 0.01 and math.isfinite(result["fid"])
@@ -1481,10 +1670,10 @@ def test_vae_sample_interpolate_and_eval(tiny_images, tmp_path, capsys):
 
 
 def test_vae_aasae_encoder_sees_the_view_and_the_likelihood_scores_the_original(monkeypatch):
-    """Eq. (6): q(z|t(x)) and p(x|z). Bugs it catches: the encoder given x instead of the view (the step would
-    silently train a plain autoencoder), the likelihood scored on the view."""
-    args = vae.parse_args(["--width", "8", "--blocks", "1", "--latent-channels", "4", "--mixtures", "2", "--preset",
-                           "aasae"])
+    """Eq. (6): q(z|t(x)) and p(x|z). Bugs it catches: the encoder given x instead of the view
+    (the step would silently train a plain autoencoder), the likelihood scored on the view."""
+    args = vae.parse_args(["--width", "8", "--blocks", "1", "--latent-channels", "4",
+                           "--mixtures", "2", "--preset", "aasae"])
     net, _, optimizer, scaler = vae.build(args, torch.device("cpu"))
     seen = {}
 
@@ -1495,19 +1684,22 @@ def test_vae_aasae_encoder_sees_the_view_and_the_likelihood_scores_the_original(
         return recorded
 
     monkeypatch.setattr(net, "encode", spy("encoder", net.encode))
-    monkeypatch.setattr(vae, "discretized_logistic_mixture_logp", spy("scored", vae.discretized_logistic_mixture_logp))
+    monkeypatch.setattr(vae, "discretized_logistic_mixture_logp",
+                        spy("scored", vae.discretized_logistic_mixture_logp))
     x = torch.rand(4, 3, 32, 32)
     torch.manual_seed(0)
     vae.train_step(net, net, optimizer, scaler, x, 0.0, args, vae_state(), None)
     torch.manual_seed(0)
-    assert torch.equal(seen["encoder"], vae.augment(x) * 2 - 1) and torch.equal(seen["scored"], x * 2 - 1)
+    assert (torch.equal(seen["encoder"], vae.augment(x) * 2 - 1)
+            and torch.equal(seen["scored"], x * 2 - 1))
 
 
 def test_vae_augmentations_keep_shape_range_and_device_and_match_torchvision(monkeypatch):
-    """The batched views equal torchvision's per-image functions (the AASAE code applies those through PIL).
-    Bugs it catches: contrast blended with each channel's own mean (torchvision uses the grayscale mean),
-    the hue formula off by a sector, a crop box outside [-1, 1], a flip that does not mirror, and any tensor
-    made on the CPU (the meta device runs every op without data and refuses a mix of devices)."""
+    """The batched views equal torchvision's per-image functions (the AASAE code applies those
+    through PIL). Bugs it catches: contrast blended with each channel's own mean (torchvision uses
+    the grayscale mean), the hue formula off by a sector, a crop box outside [-1, 1], a flip that
+    does not mirror, and any tensor made on the CPU (the meta device runs every op without data and
+    refuses a mix of devices)."""
     from torchvision.transforms.v2 import functional as TF
 
     g = torch.Generator().manual_seed(0)
@@ -1516,70 +1708,94 @@ def test_vae_augmentations_keep_shape_range_and_device_and_match_torchvision(mon
     brightness, contrast, saturation = (0.4 + 1.2 * torch.rand(6, generator=g) for _ in range(3))
     hue = 0.5 * (2 * torch.rand(6, generator=g) - 1)
     ours = vae.colour_jitter(x, brightness, contrast, saturation, hue)
-    theirs = torch.stack([TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
-        x[i], brightness[i].item()), contrast[i].item()), saturation[i].item()), hue[i].item()) for i in range(6)])
+    theirs = torch.stack([
+        TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
+            x[i], brightness[i].item()), contrast[i].item()), saturation[i].item()), hue[i].item())
+        for i in range(6)])
     assert torch.allclose(ours, theirs, atol=1e-5)
     one, zero = torch.ones(6), torch.zeros(6)
-    assert torch.allclose(vae.resized_crop(x, one, one, zero, zero, one), x, atol=1e-6)  # the whole image
+    # the whole image
+    assert torch.allclose(vae.resized_crop(x, one, one, zero, zero, one), x, atol=1e-6)
     assert torch.allclose(vae.resized_crop(x, one, one, zero, zero, -one), x.flip(3), atol=1e-6)
-    quarter = vae.resized_crop(x, one / 2, one / 2, zero + 0.5, zero - 0.5, one)  # the top-right quarter, 2x
+    # the top-right quarter, 2x
+    quarter = vae.resized_crop(x, one / 2, one / 2, zero + 0.5, zero - 0.5, one)
     resized = F.interpolate(x[..., :16, 16:], size=32, mode="bilinear", align_corners=False)
-    assert torch.allclose(quarter[..., 1:-1, 1:-1], resized[..., 1:-1, 1:-1], atol=1e-5)  # (borders: see below)
+    # (borders: see below)
+    assert torch.allclose(quarter[..., 1:-1, 1:-1], resized[..., 1:-1, 1:-1], atol=1e-5)
     torch.manual_seed(0)
     views = vae.augment(x.repeat(50, 1, 1, 1))
     assert views.shape == (300, 3, 32, 32) and views.dtype == torch.float32
     assert views.min() >= 0 and views.max() <= 1 and not torch.equal(views, x.repeat(50, 1, 1, 1))
-    gray = (views[:, 0] == views[:, 1]).flatten(1).all(1) & (views[:, 1] == views[:, 2]).flatten(1).all(1)
-    assert 0.1 < gray.view(50, 6)[:, 1:].float().mean() < 0.3  # p = 0.2 (image 0 of each copy is grey already)
+    gray = ((views[:, 0] == views[:, 1]).flatten(1).all(1)
+            & (views[:, 1] == views[:, 2]).flatten(1).all(1))
+    # p = 0.2 (image 0 of each copy is grey already)
+    assert 0.1 < gray.view(50, 6)[:, 1:].float().mean() < 0.3
     meta = vae.augment(torch.empty(4, 3, 32, 32, device="meta"))
     assert meta.device.type == "meta" and meta.shape == (4, 3, 32, 32)
-    boxes = []  # the crop boxes augment draws: inside the image, RandomResizedCrop's area and aspect ratio
+    # the crop boxes augment draws: inside the image, RandomResizedCrop's area and aspect ratio
+    boxes = []
     monkeypatch.setattr(vae, "resized_crop", lambda x, *box: boxes.append(box) or x)
     vae.augment(torch.rand(4000, 3, 32, 32))
     width, height, centre_x, centre_y, flip = boxes[0]
     assert ((centre_x.abs() + width <= 1 + 1e-6) & (centre_y.abs() + height <= 1 + 1e-6)).all()
     assert (width * height >= 0.08 - 1e-6).all() and (width * height <= 1 + 1e-6).all()
-    free = (width < 1) & (height < 1)  # boxes that needed no shrinking keep their drawn aspect ratio
-    assert ((width / height)[free] >= 3 / 4 - 1e-6).all() and ((width / height)[free] <= 4 / 3 + 1e-6).all()
-    assert centre_x.std() > 0.2 and centre_y.std() > 0.2 and abs((flip == -1).float().mean() - 0.5) < 0.05
+    # boxes that needed no shrinking keep their drawn aspect ratio
+    free = (width < 1) & (height < 1)
+    assert (((width / height)[free] >= 3 / 4 - 1e-6).all()
+            and ((width / height)[free] <= 4 / 3 + 1e-6).all())
+    assert (centre_x.std() > 0.2 and centre_y.std() > 0.2
+            and abs((flip == -1).float().mean() - 0.5) < 0.05)
 
 
 def test_vae_aasae_preset_trains_resumes_evaluates_and_probes_without_claiming_bits_per_dim(
         tiny_images, tmp_path, capsys):  # noqa: F811
-    """--preset aasae end to end: exact resume with the random views, no bits/dim anywhere (train log, test
-    rows, summary, eval) but a stated reason, the probe's three rows, and a clear error without labels."""
-    full = vae.main(train_args("vae", tiny_images, tmp_path / "a", "--preset", "aasae", "--epochs", 2))
-    half = vae.main(train_args("vae", tiny_images, tmp_path / "b", "--preset", "aasae", "--epochs", 1))
+    """--preset aasae end to end: exact resume with the random views, no bits/dim anywhere
+    (train log, test rows, summary, eval) but a stated reason, the probe's three rows, and a clear
+    error without labels."""
+    full = vae.main(train_args("vae", tiny_images, tmp_path / "a", "--preset", "aasae",
+                               "--epochs", 2))
+    half = vae.main(train_args("vae", tiny_images, tmp_path / "b", "--preset", "aasae",
+                               "--epochs", 1))
     vae.main(["--resume", str(half), "--epochs", "2"])
-    assert checkpoints_equal(*(torch.load(r / "checkpoint.pt", weights_only=True) for r in (full, half)))
+    assert checkpoints_equal(*(torch.load(r / "checkpoint.pt", weights_only=True)
+                               for r in (full, half)))
     rows = common.read_metrics(full)
-    assert any("distortion_bpd" in r for r in rows) and any("test_distortion_bpd" in r for r in rows)
+    assert (any("distortion_bpd" in r for r in rows)
+            and any("test_distortion_bpd" in r for r in rows))
     assert not any("test_bpd" in r for r in rows)
     summary = json.loads((full / "summary.json").read_text())
     assert "test_bpd" not in summary and "test_rate_bpd" in summary
     assert "no bits/dim" in capsys.readouterr().out
-    vae.main(["--eval", str(full), "--n", "16", "--iw-samples", "2", "--fid-extractor", "tiny-random"])
+    vae.main(["--eval", str(full), "--n", "16", "--iw-samples", "2",
+              "--fid-extractor", "tiny-random"])
     result = json.loads((full / "eval.json").read_text())
-    assert "test_bpd" not in result and "test_iwae_bpd" not in result and "kl-weight 0" in result["bits_per_dim"]
-    assert math.isfinite(result["fid"]) and math.isfinite(result["means_fid"])  # samples of p(x|z), and means
+    assert ("test_bpd" not in result and "test_iwae_bpd" not in result
+            and "kl-weight 0" in result["bits_per_dim"])
+    # samples of p(x|z), and means
+    assert math.isfinite(result["fid"]) and math.isfinite(result["means_fid"])
     out = run_script("experiments/vae_probe.py", full)
     saved = json.loads((full / "probe.json").read_text())
     assert saved["n_train"] == 64 and saved["n_test"] == 16 and "l2" in out.stdout
     assert saved["classes"] == ["blobs_a", "blobs_b"] and saved["chance"] == 0.5
     for name in ("trained_encoder", "random_encoder", "raw_pixels"):
-        assert 0 <= saved[name]["top1"] <= 1 and saved[name]["grad_max"] <= 1e-5 and saved[name]["l2"] > 0
+        assert (0 <= saved[name]["top1"] <= 1 and saved[name]["grad_max"] <= 1e-5
+                and saved[name]["l2"] > 0)
     flat = tmp_path / "flat"
     write_images(flat, 40)
-    proc = run_script("experiments/vae_probe.py", full, "--data", flat, "--data-root", tmp_path / "data", check=False)
-    assert proc.returncode == 1 and "the probe needs labels" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("experiments/vae_probe.py", full, "--data", flat,
+                      "--data-root", tmp_path / "data", check=False)
+    assert (proc.returncode == 1 and "the probe needs labels" in proc.stderr
+            and "Traceback" not in proc.stderr)
 
 
-@pytest.mark.skipif(not REAL_DATA.exists(), reason="the shared CIFAR-10 JPEG copy is not on this machine")
+@pytest.mark.skipif(not REAL_DATA.exists(),
+                    reason="the shared CIFAR-10 JPEG copy is not on this machine")
 def test_vae_real_cifar10_copy_bits_per_dim_fall_below_init_and_8(tmp_path):
-    run_script("vae.py", "--data", REAL_DATA, "--data-root", ROOT / "data", "--run-dir", tmp_path, *TINY["vae"],
-               "--limit-train", 1024, "--limit-test", 256, "--batch-size", 32, "--epochs", 1, "--lr", 2e-3,
-               "--warmup-steps", 5, "--kl-warmup", 0)
-    at_init, final = (r["test_bpd"] for r in common.read_metrics(only_run(tmp_path)) if "test_bpd" in r)
+    run_script("vae.py", "--data", REAL_DATA, "--data-root", ROOT / "data", "--run-dir", tmp_path,
+               *TINY["vae"], "--limit-train", 1024, "--limit-test", 256, "--batch-size", 32,
+               "--epochs", 1, "--lr", 2e-3, "--warmup-steps", 5, "--kl-warmup", 0)
+    at_init, final = (r["test_bpd"] for r in common.read_metrics(only_run(tmp_path))
+                      if "test_bpd" in r)
     assert final < at_init and final < 8
 
 
@@ -1594,7 +1810,8 @@ def test_ebm_sgld_in_langevin_proportion_samples_the_gaussian_of_a_quadratic_ene
     def energy(x):  # E(x) = ||x - mu||^2 / (2 s^2): exp(-E) is N(mu, s^2 I)
         return ((x - mu) ** 2).sum(1) / (2 * s**2)
 
-    eps = 0.02 * s**2  # small against s^2: the discretisation inflates the variance by only 1 / (1 - eps / 4s^2)
+    # small against s^2: the discretisation inflates the variance by only 1 / (1 - eps / 4s^2)
+    eps = 0.02 * s**2
     x0 = 3 * torch.randn(10000, 2, dtype=torch.float64)
     x, _ = ebm.sgld(energy, x0, 1000, eps / 2, math.sqrt(eps), grad_clip=None, bounds=None)
     assert torch.allclose(x.mean(0), mu, atol=0.02)
@@ -1602,10 +1819,10 @@ def test_ebm_sgld_in_langevin_proportion_samples_the_gaussian_of_a_quadratic_ene
 
 
 def test_ebm_sgld_input_gradient_stays_accurate_under_float16():
-    """SGLD's moves come from grad_x E, whose entries are tiny at initialisation (median 1e-6), below
-    float16's smallest normal number (6e-5). Bug it catches: the energy differentiated without a fixed
-    scale (under float16 autocast: 5.1% off against float32, 2.4% of the entries exactly 0; scaled by
-    1024: 0.09%). Float16 autocast runs on the CPU too."""
+    """SGLD's moves come from grad_x E, whose entries are tiny at initialisation (median 1e-6),
+    below float16's smallest normal number (6e-5). Bug it catches: the energy differentiated without
+    a fixed scale (under float16 autocast: 5.1% off against float32, 2.4% of the entries exactly 0;
+    scaled by 1024: 0.09%). Float16 autocast runs on the CPU too."""
     torch.manual_seed(0)
     net = ebm.EnergyNet(128).eval()
     x = torch.rand(4, 3, 32, 32)
@@ -1620,13 +1837,15 @@ def test_ebm_sgld_input_gradient_stays_accurate_under_float16():
 def test_ebm_replay_buffer_size_restarts_range_and_distinct_slots():
     torch.manual_seed(0)
     buffer = ebm.ReplayBuffer(500, (3, 32, 32), "cpu", restart_rate=0.05)
-    assert buffer.samples.shape == (500, 3, 32, 32) and 0 <= buffer.samples.min() and buffer.samples.max() <= 1
+    assert (buffer.samples.shape == (500, 3, 32, 32) and 0 <= buffer.samples.min()
+            and buffer.samples.max() <= 1)
     buffer.samples.fill_(0.5)  # a marker: anything else in a sampled row is a restart from U(0, 1)
     restarted = 0
     for _ in range(20):
         x, idx = buffer.sample(250)
         assert x.shape == (250, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
-        assert len(set(idx.tolist())) == 250  # distinct: writing them back is deterministic on a GPU too
+        # distinct: writing them back is deterministic on a GPU too
+        assert len(set(idx.tolist())) == 250
         restarted += int((x != 0.5).flatten(1).any(1).sum())
         buffer.push(x.clamp(0, 1) * 0 + 0.5, idx)
     n = 20 * 250  # binomial(5000, 0.05): +-5 std around 0.05
@@ -1657,32 +1876,39 @@ def test_ebm_a_gradient_step_on_the_loss_lowers_data_energy_relative_to_negative
 
 
 def test_ebm_gradient_clip_is_igebms_per_entry_bound():
-    """IGEBM clips each gradient entry to +-(3 sqrt(v_hat) + 0.1), v_hat Adam's bias-corrected second moment
-    before the step (its custom_adam.py): 0.1 at the first step. Bugs it catches: a global-norm clip instead
-    (what ebm.py had: 0.1 on the whole gradient's norm), the bias correction left out or taken one step late."""
+    """IGEBM clips each gradient entry to +-(3 sqrt(v_hat) + 0.1), v_hat Adam's bias-corrected
+    second moment before the step (its custom_adam.py): 0.1 at the first step. Bugs it catches: a
+    global-norm clip instead (what ebm.py had: 0.1 on the whole gradient's norm), the bias
+    correction left out or taken one step late."""
     w = torch.nn.Parameter(torch.zeros(4))
     optimizer = torch.optim.Adam([w], lr=1e-3, betas=(0.0, 0.999))
     w.grad = torch.tensor([5.0, -5.0, 0.05, -0.05])
     ebm.clip_like_igebm(optimizer)
-    assert w.grad.tolist() == pytest.approx([0.1, -0.1, 0.05, -0.05])  # v = 0 at the first step: +-0.1
+    # v = 0 at the first step: +-0.1
+    assert w.grad.tolist() == pytest.approx([0.1, -0.1, 0.05, -0.05])
     optimizer.step()  # v_1 = (1 - 0.999) g^2
     w.grad = torch.tensor([5.0, -5.0, 0.05, -0.05])
     ebm.clip_like_igebm(optimizer)
     v = optimizer.state[w]["exp_avg_sq"]
     bound = 3 * (v / (1 - 0.999**2)).sqrt() + 0.1
-    assert torch.allclose(w.grad, torch.maximum(torch.minimum(torch.tensor([5.0, -5.0, 0.05, -0.05]), bound), -bound))
-    assert abs(w.grad[0].item() - (3 * 0.1 / math.sqrt(1 - 0.999**2) * math.sqrt(0.001) + 0.1)) < 1e-5
+    assert torch.allclose(
+        w.grad, torch.maximum(torch.minimum(torch.tensor([5.0, -5.0, 0.05, -0.05]), bound), -bound))
+    assert abs(w.grad[0].item()
+               - (3 * 0.1 / math.sqrt(1 - 0.999**2) * math.sqrt(0.001) + 0.1)) < 1e-5
 
 
 def test_ebm_toy_energy_is_lower_at_the_modes_than_between_them():
     net, buffer = ebm_toy.train_toy("8gaussians", iterations=1000, seed=0)
     angle = torch.arange(8) * math.pi / 4
-    modes = 2 * torch.stack([angle.cos(), angle.sin()], 1)  # the 8 centres, on the circle of radius 2
-    between = 2 * torch.stack([(angle + math.pi / 8).cos(), (angle + math.pi / 8).sin()], 1)  # between k and k + 1
+    # the 8 centres, on the circle of radius 2
+    modes = 2 * torch.stack([angle.cos(), angle.sin()], 1)
+    # between k and k + 1
+    between = 2 * torch.stack([(angle + math.pi / 8).cos(), (angle + math.pi / 8).sin()], 1)
     with torch.no_grad():
         e_modes, e_between, e_centre = net(modes), net(between), net(torch.zeros(1, 2))
-    # every mode is a local minimum along the circle (CD learns shapes; the modes' relative masses it learns
-    # poorly, because persistent chains seldom cross between modes), and the centre of the ring is high
+    # every mode is a local minimum along the circle (CD learns shapes; the modes' relative masses
+    # it learns poorly, because persistent chains seldom cross between modes), and the centre of the
+    # ring is high
     assert (e_modes < e_between).all() and (e_modes < e_between.roll(1)).all()
     assert (e_modes < e_centre).all()
     assert buffer.samples.abs().max() <= ebm_toy.TOY["box"]
@@ -1693,7 +1919,8 @@ def test_ebm_toy_energy_is_lower_at_the_modes_than_between_them():
 # ------------------------------------------------------------------------------------------------
 
 def inject_divergence_at(monkeypatch, at, length):
-    """Make training steps at, at + 1, ... report non-finite energies, as a real divergence would."""
+    """Make training steps at, at + 1, ... report non-finite energies, as a real divergence
+    would."""
     train_step, calls = ebm.train_step, []
 
     def diverging_train_step(*args, **kwargs):
@@ -1706,10 +1933,11 @@ def inject_divergence_at(monkeypatch, at, length):
     monkeypatch.setattr(ebm, "train_step", diverging_train_step)
 
 
-def test_ebm_divergence_rolls_back_to_the_last_good_checkpoint_with_a_lower_lr(tiny_images, tmp_path, capsys,
-                                                                               monkeypatch):
+def test_ebm_divergence_rolls_back_to_the_last_good_checkpoint_with_a_lower_lr(
+        tiny_images, tmp_path, capsys, monkeypatch):
     inject_divergence_at(monkeypatch, 6, 2)  # steps 6 and 7 of 8: two bad steps in a row
-    argv = train_args("ebm", tiny_images, tmp_path, "--epochs", 2, "--log-every", 1, "--max-bad-steps", 2)
+    argv = train_args("ebm", tiny_images, tmp_path, "--epochs", 2, "--log-every", 1,
+                      "--max-bad-steps", 2)
     run = ebm.main(argv)
     rows = common.read_metrics(run)
     rollback = [r for r in rows if "rollback" in r]
@@ -1720,22 +1948,26 @@ def test_ebm_divergence_rolls_back_to_the_last_good_checkpoint_with_a_lower_lr(t
     assert last["step"] == 8 and last["lr"] == lowered  # the run continued to the end
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["state"]["rollbacks"] == 1
-    assert all(torch.isfinite(v).all() for v in ckpt["net"].values()) and torch.isfinite(ckpt["state"]["buffer"]).all()
+    assert (all(torch.isfinite(v).all() for v in ckpt["net"].values())
+            and torch.isfinite(ckpt["state"]["buffer"]).all())
     assert json.loads((run / "summary.json").read_text())["rollbacks"] == 1
-    inject_divergence_at(monkeypatch, 2, 100)  # (wraps the wrapper above, which has no injection left)
+    # (wraps the wrapper above, which has no injection left)
+    inject_divergence_at(monkeypatch, 2, 100)
     with pytest.raises(common.UserError, match="diverged.*last good checkpoint"):
         ebm.main([*argv, "--name", "again", "--max-rollbacks", "0"])
 
 
 def test_ebm_resumes_on_another_number_of_processes_whatever_the_buffer_size(tiny_images, tmp_path):
-    """The replay buffer is shared out over the ranks at every resume. Bug it catches: unequal shares when
-    the count does not divide the buffer (tensor_split: a run trained on 2 processes with --buffer-size 100,
-    resumed on 3, died at the end of its first epoch in the collective that gathers the shares)."""
+    """The replay buffer is shared out over the ranks at every resume. Bug it catches: unequal
+    shares when the count does not divide the buffer (tensor_split: a run trained on 2 processes
+    with --buffer-size 100, resumed on 3, died at the end of its first epoch in the collective that
+    gathers the shares)."""
     argv = train_args("ebm", tiny_images, tmp_path, "--buffer-size", 100, "--batch-size", 6)
     run_script("ebm.py", *argv, "--epochs", 1, torchrun=True)
     run = only_run(tmp_path / "runs")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                           str(ROOT / "ebm.py"), "--resume", str(run), "--epochs", "2"], env=ENV,
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=3", str(ROOT / "ebm.py"), "--resume", str(run),
+                           "--epochs", "2"], env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -1746,42 +1978,50 @@ def test_ebm_resumes_on_another_number_of_processes_whatever_the_buffer_size(tin
     for rank in range(3):
         ebm.share_buffer(buffer, 3, rank, saved=saved)
         shares.append(buffer.samples[:, 0, 0, 0].tolist())
-    assert shares == [list(range(0, 33)), list(range(33, 66)), list(range(66, 99))]  # as saved: exact resume
+    # as saved: exact resume
+    assert shares == [list(range(0, 33)), list(range(33, 66)), list(range(66, 99))]
     buffer = ebm.ReplayBuffer(50, (3, 32, 32), "cpu")
-    ebm.share_buffer(buffer, 2, 1, saved=saved[:99])  # more slots than the saved chains: they repeat
+    # more slots than the saved chains: they repeat
+    ebm.share_buffer(buffer, 2, 1, saved=saved[:99])
     assert buffer.samples[:, 0, 0, 0].tolist() == [*range(50, 99), 0.0]
 
 
 def test_ebm_trains_on_unflipped_images_as_igebm(tiny_images, tmp_path, monkeypatch):
-    """IGEBM's unconditional run does not augment. Bug it catches: the random flips of the shared loader."""
+    """IGEBM's unconditional run does not augment. Bug it catches: the random flips of the shared
+    loader."""
     seen = []
     loader = common.DeviceLoader
-    monkeypatch.setattr(common, "DeviceLoader", lambda *a, **k: seen.append(k.get("flip", True)) or loader(*a, **k))
+    monkeypatch.setattr(common, "DeviceLoader",
+                        lambda *a, **k: seen.append(k.get("flip", True)) or loader(*a, **k))
     ebm.main(train_args("ebm", tiny_images, tmp_path, "--epochs", 1))
     assert seen == [False]
 
 
 def test_ebm_sample_inpaint_and_eval(tiny_images, tmp_path):
     run = ebm.main(train_args("ebm", tiny_images, tmp_path, "--epochs", 1))
-    assert (run / "samples" / "epoch_0001.png").read_bytes()[:4] == b"\x89PNG"  # the buffer and a chain
+    # the buffer and a chain
+    assert (run / "samples" / "epoch_0001.png").read_bytes()[:4] == b"\x89PNG"
     last_row = common.read_metrics(run)[-1]
-    assert {"energy_pos", "energy_neg", "gap", "grad_norm", "sgld_grad_norm", "lr"} <= set(common.read_metrics(run)[-2])
+    assert ({"energy_pos", "energy_neg", "gap", "grad_norm", "sgld_grad_norm", "lr"}
+            <= set(common.read_metrics(run)[-2]))
     assert "test_energy" in last_row
     ebm.main(["--sample", str(run), "--n", "12", "--steps", "2"])
     samples = np.load(run / "samples.npz")["samples"]
-    assert samples.shape == (12, 32, 32, 3) and samples.dtype == np.uint8 and (run / "samples.png").exists()
-    ebm.main(["--inpaint", str(run), "--steps", "2"])
+    assert (samples.shape == (12, 32, 32, 3) and samples.dtype == np.uint8
+            and (run / "samples.png").exists())
+    run_script("experiments/ebm_inpaint.py", run, "--steps", 2)
     assert (run / "inpaint.png").read_bytes()[:4] == b"\x89PNG"
     ebm.main(["--eval", str(run), "--n", "16", "--steps", "2", "--fid-extractor", "tiny-random"])
     result = json.loads((run / "eval.json").read_text())
-    assert result["n_samples"] == 16 and math.isfinite(result["fid"]) and result["nfe_per_sample"] == 2
+    assert (result["n_samples"] == 16 and math.isfinite(result["fid"])
+            and result["nfe_per_sample"] == 2)
     assert math.isfinite(result["energy_test"]) and math.isfinite(result["energy_samples"])
 
 
 def test_ebm_chains_measures_have_known_answers():
-    # bugs this catches: a true density that does not integrate to 1 (a dropped 1/3 or std^2), weights
-    # normalised over the grid instead of the modes, the reweighting applied the wrong way round, and a
-    # blob at the origin read as mass on the modes
+    # bugs this catches: a true density that does not integrate to 1 (a dropped 1/3 or std^2),
+    # weights normalised over the grid instead of the modes, the reweighting applied the wrong way
+    # round, and a blob at the origin read as mass on the modes
     points, area = ebm_chains.grid(60)
     for name in ebm_chains.TOYS:
         p = ebm_chains.true_density(name, points)
@@ -1793,7 +2033,8 @@ def test_ebm_chains_measures_have_known_answers():
     p = ebm_chains.true_density("8gaussians", points)
     region, _ = ebm_chains.mode_regions("8gaussians", points)
     heavier = ebm_chains.compare("8gaussians", p * torch.where(region == 0, 2.0, 1.0), points)
-    # mode 0 holds 2/9 of the modes' mass instead of 1/8, the others 1/9: weight tv = (7/72 + 7/72) / 2
+    # mode 0 holds 2/9 of the modes' mass instead of 1/8, the others 1/9:
+    # weight tv = (7/72 + 7/72) / 2
     assert heavier["weight_tv"] == pytest.approx(7 / 72, abs=1e-3)
     assert heavier["shape_tv"] < 1e-6 and heavier["location_std"] < 1e-6 and heavier["tv"] > 0.05
     gone = ebm_chains.compare("8gaussians", p * torch.where(region == 0, 0.1, 1.0), points)
@@ -1810,20 +2051,23 @@ def test_ebm_chains_measures_have_known_answers():
 
 
 def test_ebm_chains_experiment_runs_at_a_tiny_size_with_equal_negatives_and_updates(tmp_path):
-    results = ebm_chains.main(["--iterations", "30", "--seeds", "1", "--grid", "30", "--out", str(tmp_path),
-                               "--figure", str(tmp_path / "chains.png")])
+    results = ebm_chains.main(["--iterations", "30", "--seeds", "1", "--grid", "30",
+                               "--out", str(tmp_path), "--figure", str(tmp_path / "chains.png")])
     runs = [r for r in results if r["scheme"] != "data"]
     assert len(runs) == len(ebm_chains.TOYS) * len(ebm_chains.SCHEMES)
     # every scheme: the data batch of negatives per update and the same number of updates; the
     # evaluations they cost follow from the chains' length alone
     assert {(r["updates"], r["chains"]) for r in runs} == {(30, ebm_chains.TOY["batch"])}
     assert all(r["sgld_evaluations"] == 30 * ebm_chains.TOY["batch"] * r["steps"] for r in runs)
-    assert {r["steps"] for r in runs} == {10, 100} and {r["restart_rate"] for r in runs} == {0.05, 1.0}
+    assert ({r["steps"] for r in runs} == {10, 100}
+            and {r["restart_rate"] for r in runs} == {0.05, 1.0})
     for r in results:
-        assert all(0 <= r[k] <= 1 for k in ebm_chains.MEASURES if k not in ("location_std", "covered"))
+        assert all(0 <= r[k] <= 1 for k in ebm_chains.MEASURES
+                   if k not in ("location_std", "covered"))
         assert r["origin"] <= r["off_mode"] + 1e-9 and 0 <= r["covered"] <= r["modes"]
     data = [r for r in results if r["scheme"] == "data"]
-    assert len(data) == len(ebm_chains.TOYS) and all(r["tv"] < 1e-9 and r["off_mode"] < 1e-3 for r in data)
+    assert (len(data) == len(ebm_chains.TOYS)
+            and all(r["tv"] < 1e-9 and r["off_mode"] < 1e-3 for r in data))
     assert all(r["samples_off_mode"] < 0.01 and r["samples_weight_tv"] < 0.1 for r in data)
     assert all(r["samples_far"] < 0.03 for r in data)  # 3 std: about 1% (8gaussians), 0.3% (rings)
     table = (tmp_path / "table.md").read_text()
@@ -1844,20 +2088,24 @@ def test_ebm_toy_experiment_writes_its_figure(tmp_path, monkeypatch):
 
 
 def official_parameter_count(w):
-    """IGEBM's ResNet32Large (models.py, utils.py of openai/ebm_code_release) counted from its layout, not from
-    our code: stem 3x3 conv without bias; per block conv1 (3x3) + its input bias, conv2 (3x3) + input bias +
-    output gain, a 3x3 shortcut conv where the channels change; fc 4w -> 1. Our conv1 bias is per output
-    channel instead of per input channel, which adds c_out - c_in where the channels change."""
-    blocks = [(w, w)] * 3 + [(w, 2 * w)] + [(2 * w, 2 * w)] * 2 + [(2 * w, 4 * w)] + [(4 * w, 4 * w)] * 2
+    """IGEBM's ResNet32Large (models.py, utils.py of openai/ebm_code_release) counted from its
+    layout, not from our code: stem 3x3 conv without bias; per block conv1 (3x3) + its input bias,
+    conv2 (3x3) + input bias + output gain, a 3x3 shortcut conv where the channels change;
+    fc 4w -> 1. Our conv1 bias is per output channel instead of per input channel, which adds
+    c_out - c_in where the channels change."""
+    blocks = ([(w, w)] * 3 + [(w, 2 * w)] + [(2 * w, 2 * w)] * 2 + [(2 * w, 4 * w)]
+              + [(4 * w, 4 * w)] * 2)
     total = 9 * 3 * w + 4 * w + 1
     for c_in, c_out in blocks:
-        total += 9 * c_in * c_out + c_in + 9 * c_out * c_out + 2 * c_out + (9 * c_in * c_out if c_in != c_out else 0)
+        total += (9 * c_in * c_out + c_in + 9 * c_out * c_out + 2 * c_out
+                  + (9 * c_in * c_out if c_in != c_out else 0))
     return total, sum(c_out - c_in for c_in, c_out in blocks)
 
 
 def test_ebm_default_network_is_igebms_unconditional_resnet32large():
-    # bugs this catches: the conditional ResNet32 (6 blocks, 2 widths), a missing block, downsampling in the wrong
-    # block, a 1x1 shortcut, spectral norm on the final linear layer, a conv left without spectral norm
+    # bugs this catches: the conditional ResNet32 (6 blocks, 2 widths), a missing block,
+    # downsampling in the wrong block, a 1x1 shortcut, spectral norm on the final linear layer, a
+    # conv left without spectral norm
     net = ebm.EnergyNet(8)
     blocks = list(net.blocks)
     assert len(blocks) == 9
@@ -1865,12 +2113,14 @@ def test_ebm_default_network_is_igebms_unconditional_resnet32large():
     sizes, x = [], torch.rand(2, 3, 32, 32)
     hooks = [b.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for b in blocks]
     assert net.eval()(x).shape == (2,)
-    assert sizes == [16, 16, 16, 8, 8, 8, 4, 4, 4]  # the first block of each width halves the resolution
+    # the first block of each width halves the resolution
+    assert sizes == [16, 16, 16, 8, 8, 8, 4, 4, 4]
     [h.remove() for h in hooks]
     shortcuts = [i for i, b in enumerate(blocks) if isinstance(b.skip, torch.nn.Conv2d)]
     assert shortcuts == [3, 6] and all(blocks[i].skip.kernel_size == (3, 3) for i in shortcuts)
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert len(convs) == 1 + 2 * 9 + 2 and all(parametrize.is_parametrized(c, "weight") for c in convs)
+    assert (len(convs) == 1 + 2 * 9 + 2
+            and all(parametrize.is_parametrized(c, "weight") for c in convs))
     assert not parametrize.is_parametrized(net.head) and net.head.in_features == 32
     # the size: 18.6M at width 128, and 384 more than IGEBM's own count (our conv1 bias, see above)
     official, extra = official_parameter_count(128)
@@ -1880,8 +2130,9 @@ def test_ebm_default_network_is_igebms_unconditional_resnet32large():
 
 
 def test_ebm_blocks_start_as_the_identity_because_conv2_is_zero_and_only_bounded():
-    # bug this catches: conv2 spectral-normalised as W / sigma (plain SN), which blows its 1e-10 initial weights up
-    # to norm 1; or conv2 not zero-initialised. Either way a block would no longer start as silu(x).
+    # bug this catches: conv2 spectral-normalised as W / sigma (plain SN), which blows its 1e-10
+    # initial weights up to norm 1; or conv2 not zero-initialised. Either way a block would no
+    # longer start as silu(x).
     torch.manual_seed(0)
     net = ebm.EnergyNet(8).eval()
     for block in net.blocks:
@@ -1891,13 +2142,14 @@ def test_ebm_blocks_start_as_the_identity_because_conv2_is_zero_and_only_bounded
 
 
 def test_ebm_spectral_norm_divides_by_the_largest_singular_value():
-    # bugs this catches: dividing by sigma^2 or by the Frobenius norm, a power iteration that does not converge
-    # (u and v swapped), the bounded variant scaling small weights up
+    # bugs this catches: dividing by sigma^2 or by the Frobenius norm, a power iteration that does
+    # not converge (u and v swapped), the bounded variant scaling small weights up
     torch.manual_seed(0)
     conv = ebm.spectral_norm(torch.nn.Conv2d(16, 32, 3))
     for _ in range(200):  # power iterations in training mode (slow to converge on a random matrix)
         weight = conv.weight
-    assert torch.linalg.matrix_norm(weight.detach().flatten(1), 2).item() == pytest.approx(1, abs=3e-3)
+    assert (torch.linalg.matrix_norm(weight.detach().flatten(1), 2).item()
+            == pytest.approx(1, abs=3e-3))
     small = torch.nn.Conv2d(16, 32, 3)
     torch.nn.init.normal_(small.weight, std=1e-3)  # spectral norm well below 1
     original = small.weight.detach().clone()
@@ -1908,7 +2160,8 @@ def test_ebm_spectral_norm_divides_by_the_largest_singular_value():
         big.parametrizations.weight.original.mul_(100)
     for _ in range(200):
         weight = big.weight
-    assert torch.linalg.matrix_norm(weight.detach().flatten(1), 2).item() == pytest.approx(1, abs=3e-3)
+    assert (torch.linalg.matrix_norm(weight.detach().flatten(1), 2).item()
+            == pytest.approx(1, abs=3e-3))
     # eval mode: no power iteration, so measuring does not change the model
     u = big.parametrizations.weight[0].u.clone()
     _ = big.eval().weight
@@ -1916,7 +2169,8 @@ def test_ebm_spectral_norm_divides_by_the_largest_singular_value():
 
 
 def test_ebm_sgld_computes_the_normalised_weights_once_per_chain():
-    # bug this catches: SGLD recomputing every spectral norm (and its power iteration) at every one of its K steps
+    # bug this catches: SGLD recomputing every spectral norm (and its power iteration) at every one
+    # of its K steps
     net = ebm.EnergyNet(4).requires_grad_(False)
     calls = []
     for module in net.modules():
@@ -1928,18 +2182,21 @@ def test_ebm_sgld_computes_the_normalised_weights_once_per_chain():
 
 
 def test_ebm_ema_copies_the_spectral_norms_state_and_is_the_network_at_decay_0():
-    """--ema 0 (IGEBM's setting): the averaged network is the network, power-iteration vectors included."""
+    """--ema 0 (IGEBM's setting): the averaged network is the network, power-iteration vectors
+    included."""
     torch.manual_seed(0)
     net = ebm.EnergyNet(4)
     ema = ebm.EnergyNet(4).requires_grad_(False)
     net(torch.rand(2, 3, 32, 32))  # a power-iteration step in training mode moves u and v
     ebm.update_ema(ema, net, 0.0, step=5)
-    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), net.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(ema.state_dict().values(), net.state_dict().values()))
 
 
 def test_ebm_training_chains_run_with_dropout_on_as_igebm(tiny_images, tmp_path):
-    # bug this catches: net.eval() around the training chains, which would switch dropout off there (IGEBM's
-    # training graph samples with train=True); and dropout left on where samples are drawn for evaluation
+    # bug this catches: net.eval() around the training chains, which would switch dropout off there
+    # (IGEBM's training graph samples with train=True); and dropout left on where samples are drawn
+    # for evaluation
     args = ebm.parse_args(train_args("ebm", tiny_images, tmp_path))
     net, _, optimizer, scaler = ebm.build(args, torch.device("cpu"))
     buffer = ebm.ReplayBuffer(64, (3, 32, 32), "cpu")
@@ -1949,15 +2206,16 @@ def test_ebm_training_chains_run_with_dropout_on_as_igebm(tiny_images, tmp_path)
         ebm.train_step(net, net, optimizer, scaler, buffer, torch.rand(16, 3, 32, 32), args, None)
         assert len(seen) == 9 * (args.sgld_steps + 1) and all(seen)  # K chain steps and the update
         seen.clear()
-        ebm.draw_samples(net.eval(), {"buffer": buffer.samples}, 4, ebm.parse_args([*TINY["ebm"], "--steps", "2"]),
-                         torch.device("cpu"), None)
+        ebm.draw_samples(net.eval(), {"buffer": buffer.samples}, 4,
+                         ebm.parse_args([*TINY["ebm"], "--steps", "2"]), torch.device("cpu"), None)
         assert seen and not any(seen)
     finally:
         ebm.dropout = dropout
 
 
 def test_ebm_cpu_dropout_keeps_the_mean_and_drops_the_fraction_p():
-    # bugs this catches: a mask keeping p instead of 1 - p, a missing 1 / (1 - p) rescaling, dropout in eval mode
+    # bugs this catches: a mask keeping p instead of 1 - p, a missing 1 / (1 - p) rescaling, dropout
+    # in eval mode
     torch.manual_seed(0)
     h = torch.ones(200_000)
     out = ebm.dropout(h, 0.3, True)
@@ -1966,16 +2224,21 @@ def test_ebm_cpu_dropout_keeps_the_mean_and_drops_the_fraction_p():
     assert torch.equal(ebm.dropout(h, 0.3, False), h)
 
 
-@pytest.mark.skipif(not REAL_DATA.exists(), reason="the shared CIFAR-10 JPEG copy is not on this machine")
-def test_ebm_short_run_on_real_cifar10_stays_finite_and_separates_data_from_negatives(tmp_path):
-    run_script("ebm.py", "--data", REAL_DATA, "--data-root", ROOT / "data", "--run-dir", tmp_path, "--width", "8",
-               "--sgld-steps", "5", "--batch-size", "32", "--limit-train", "320", "--limit-test", "100",
-               "--epochs", "2", "--lr", "1e-3", "--device", "cpu", "--log-every", "5")
+@pytest.mark.skipif(not REAL_DATA.exists(),
+                    reason="the shared CIFAR-10 JPEG copy is not on this machine")
+def test_ebm_short_run_on_real_cifar10_stays_finite(tmp_path):
+    """A smoke test on the real images. (It does not ask for E(data) < E(negatives): at width 8
+    the gap after 20-40 steps is 0.0003 +- 0.001, the same sign as noise, at lr 1e-3 to 1e-2.)"""
+    run_script("ebm.py", "--data", REAL_DATA, "--data-root", ROOT / "data", "--run-dir", tmp_path,
+               "--width", "8", "--sgld-steps", "5", "--batch-size", "32", "--limit-train", "320",
+               "--limit-test", "100", "--epochs", "2", "--lr", "1e-3", "--device", "cpu",
+               "--log-every", "5")
     run = only_run(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
-    last = [r for r in common.read_metrics(run) if "energy_pos" in r][-1]
-    assert summary["rollbacks"] == 0 and math.isfinite(last["energy_pos"]) and math.isfinite(last["energy_neg"])
-    assert last["energy_pos"] < last["energy_neg"]  # data likelier than the model's own samples
+    rows = [r for r in common.read_metrics(run) if "energy_pos" in r]
+    assert summary["rollbacks"] == 0 and rows[-1]["step"] == 20
+    assert all(math.isfinite(r["energy_pos"]) and math.isfinite(r["energy_neg"]) for r in rows)
+    assert (run / "checkpoint.pt").exists() and (run / "samples" / "epoch_0002.png").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1997,7 +2260,7 @@ def likelihood_gaussian(shape, seed, n=8):
 
 def likelihood_mixture_points(seed):
     """Six points of NCSN's 2-D mixture and two between its modes, where the score turns."""
-    data = common.toy_data("mixture", 6, torch.Generator().manual_seed(seed)).double()
+    data = toys.toy_data("mixture", 6, torch.Generator().manual_seed(seed)).double()
     return torch.cat([data, torch.tensor([[0.0, 0.0], [1.0, -2.0]], dtype=torch.float64)])
 
 
@@ -2055,13 +2318,13 @@ def test_likelihood_ode_bits_per_dim_on_image_shaped_gaussian():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_likelihood_ode_matches_mixture_closed_form(seed):
     """Bugs: the divergence's sign, a missing sigma^2 factor in dI/dt (the clock is log sigma),
-    the prior dropped. NCSN's 2-D mixture (common.mixture_log_prob): the exact-divergence ODE is
+    the prior dropped. NCSN's 2-D mixture (toys.mixture_log_prob): the exact-divergence ODE is
     within 0.01 nats per dimension of log p_sigma_min at data points and between the modes
     (measured over 20 seeds: < 0.0015 at sigma_max = 200, nearly all of it the prior's)."""
     x = likelihood_mixture_points(seed)
     log_p, _ = likelihood.ode_log_prob(likelihood.mixture_score, x, SIGMA_L, MIXTURE_SIGMA_MAX,
                                        exact=True, prior_mean=likelihood.MIXTURE_MEAN)
-    assert ((log_p - common.mixture_log_prob(x, SIGMA_L)) / 2).abs().max() < 0.01
+    assert ((log_p - toys.mixture_log_prob(x, SIGMA_L)) / 2).abs().max() < 0.01
 
 
 def test_likelihood_hutchinson_is_unbiased():
@@ -2159,14 +2422,15 @@ def test_likelihood_ais_on_the_ebm_toy_matches_quadrature():
 @pytest.mark.parametrize("model", ["ncsn", "ebm", "vae"])
 def test_likelihood_command_line_on_a_tiny_run(model, tiny_images, tmp_path):
     """Bug: the run loaders out of step with the model files. Train one tiny epoch, then
-    `python -m experiments.likelihood MODEL RUN --n 4` writes RUN/likelihood.json with finite bits/dim.
-    The EBM's energies are still near 0, so exp(-E) / Z is nearly uniform on the cube: 8 bits/dim within
-    0.01."""
+    `python -m experiments.likelihood MODEL RUN --n 4` writes RUN/likelihood.json with finite
+    bits/dim. The EBM's energies are still near 0, so exp(-E) / Z is nearly uniform on the cube: 8
+    bits/dim within 0.01."""
     run = MODELS[model].main(train_args(model, tiny_images, tmp_path, "--epochs", 1))
-    asked = {"ncsn": [], "vae": ["--iw-samples", "10"], "ebm": ["--ais-steps", "20", "--chains", "8",
-                                                                  "--repeats", "2"]}[model]
-    proc = subprocess.run([sys.executable, "-m", "experiments.likelihood", model, str(run), "--n", "4",
-                           "--device", "cpu", *asked], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    asked = {"ncsn": [], "vae": ["--iw-samples", "10"],
+             "ebm": ["--ais-steps", "20", "--chains", "8", "--repeats", "2"]}[model]
+    proc = subprocess.run([sys.executable, "-m", "experiments.likelihood", model, str(run),
+                           "--n", "4", "--device", "cpu", *asked], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads((run / "likelihood.json").read_text())
     assert row["n"] == 4 and math.isfinite(row["bits_per_dim"]) and row["bits_per_dim"] > 0
@@ -2185,7 +2449,8 @@ def test_ebm_precision_and_ood_experiments_run_on_a_trained_run(tiny_images, tmp
 
     run = ebm.main(train_args("ebm", tiny_images, tmp_path, "--epochs", 1))
     ood = ebm_ood.main([str(run), "--limit-test", "16"])
-    assert ood["n_test"] == 16 and set(ood["ood"]) == set(ebm_ood.ood_sets(torch.rand(2, 3, 32, 32), None))
+    assert (ood["n_test"] == 16
+            and set(ood["ood"]) == set(ebm_ood.ood_sets(torch.rand(2, 3, 32, 32), None)))
     assert all(row["n"] == 16 and 0 <= row["auroc"] <= 1 for row in ood["ood"].values())
     assert json.loads((run / "ood.json").read_text()) == json.loads(json.dumps(ood))
     assert (run / "ood_energies.png").exists()
@@ -2197,24 +2462,29 @@ def test_ebm_precision_and_ood_experiments_run_on_a_trained_run(tiny_images, tmp
 
 
 def test_gpu_check_script_runs_on_the_cpu_at_tiny_size(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / ".ci" / "gpu"), "--cpu-smoke", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(ROOT / ".ci" / "gpu"), "--cpu-smoke",
+                           "--out", str(tmp_path)],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {row["check"]: row for row in json.loads((tmp_path / "gpu_check.json").read_text())}
-    assert (tmp_path / "gpu_check.md").read_text().count("\n") == len(rows) + 2  # header, rule, one line per row
+    # header, rule, one line per row
+    assert (tmp_path / "gpu_check.md").read_text().count("\n") == len(rows) + 2
     for model in MODELS:
         assert rows[f"{model} bench (eager, default precision)"]["status"] == "ok"
         assert rows[f"{model} bench --no-amp"]["precision"] == "float32"
-        assert rows[f"{model} bench --memory-format channels_last"]["memory_format"] == "channels_last"
+        assert (rows[f"{model} bench --memory-format channels_last"]["memory_format"]
+                == "channels_last")
         assert rows[f"{model}: train 1 epoch, --resume to 2, --sample"]["status"] == "ok"
         assert rows[f"{model} bench --compile"]["status"] == "skipped"  # with its reason
     assert rows["ncsn: NaN every second step, skipped (default precision)"]["adam_steps"] == 2
-    assert all(row["status"] in ("ok", "skipped") and (row["status"] == "ok" or row["why"]) for row in rows.values())
+    assert all(row["status"] in ("ok", "skipped") and (row["status"] == "ok" or row["why"])
+               for row in rows.values())
 
 
 def test_the_lecture_files_keep_their_budgets_and_line_length():
-    """The design's budgets (STYLE.md): each model file a lecture read in one sitting. Bugs it catches: a line
-    over 100 characters, a function over 60 lines, the run section drifting apart between the three files."""
+    """The design's budgets (STYLE.md): each model file a lecture read in one sitting. Bugs it
+    catches: a line over 100 characters, a function over 60 lines, the run section drifting apart
+    between the three files."""
     import ast
 
     sections = {}
@@ -2224,6 +2494,16 @@ def test_the_lecture_files_keep_their_budgets_and_line_length():
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.FunctionDef):
                 assert node.end_lineno - node.lineno + 1 <= 60, (name, node.name)
-        if name != "common.py":
-            sections[name] = text[text.index("# The run:"):text.index("\ndef main(")]
-    assert sections["ncsn.py"] == sections["vae.py"] == sections["ebm.py"]  # the same text in all three
+        if name == "common.py":
+            assert len(text.splitlines()) <= 450
+            continue
+        sections[name] = text[text.index("# The run:"):text.index("\ndef main(")]
+        # the lecture's order, and from the network to the end of train() at most 350 lines
+        order = ["# The network", "# The loss", "# The sampler", "# Training", "\ndef train(",
+                 "# Commands", "# The run:", "\ndef main("]
+        starts = [text.index(banner) for banner in order]
+        assert starts == sorted(starts), name
+        end_of_train = text.index("\n\n\n", starts[4])
+        assert text[starts[0]:end_of_train].count("\n") <= 350, name
+    # the same text in all three
+    assert sections["ncsn.py"] == sections["vae.py"] == sections["ebm.py"]

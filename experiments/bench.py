@@ -3,7 +3,7 @@
     python experiments/bench.py ncsn                     # the default (paper-sized) network
     python experiments/bench.py vae --batch-size 8       # any flag of the model file
     python experiments/bench.py ebm --compile            # with torch.compile
-    python experiments/bench.py ncsn --memory-format contiguous   # the other memory layout (GPU A/B)
+    python experiments/bench.py ncsn --memory-format contiguous  # the other memory layout (GPU A/B)
 
 It times the model file's own build() and train_step() (the same optimiser, precision and
 compilation as training) and its sampler's network evaluations, after one warm-up call each, and
@@ -54,11 +54,12 @@ def machine(device):
 
 
 def steps(name, module, args, device, dtype):
-    """(one training step, k network evaluations of the sampler on a batch, k, evaluations a sample),
-    the first two functions of nothing, on random data of the right shape."""
+    """(one training step, k network evaluations of the sampler on a batch, k, evaluations a
+    sample), the first two functions of nothing, on random data of the right shape."""
     net, _, optimizer, scaler = module.build(args, device)
     model = torch.compile(net) if args.compile else net
-    layout = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
+    layout = (torch.channels_last if args.memory_format == "channels_last"
+              else torch.contiguous_format)
     x = torch.rand(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=layout)
     if args.memory_format is not None:  # the A/B: the network in the other layout
         net.to(memory_format=layout)
@@ -71,16 +72,19 @@ def steps(name, module, args, device, dtype):
         def sample():
             with torch.inference_mode(), ncsn.autocast(device, dtype):
                 model(x, sigmas[:1].expand(len(x)))
-        return (lambda: ncsn.train_step(model, net, optimizer, scaler, x, sigmas, args, dtype)), sample, 1, nfe
+        return ((lambda: ncsn.train_step(model, net, optimizer, scaler, x, sigmas, args, dtype)),
+                sample, 1, nfe)
     if name == "vae":
         state = {"grad_norm_avg": torch.tensor(float("inf"), device=device),
                  "clipped_outliers": torch.zeros((), device=device)}
-        z = torch.randn(len(x), net.latent_channels, net.latent_size, net.latent_size, device=device)
+        z = torch.randn(len(x), net.latent_channels, net.latent_size, net.latent_size,
+                        device=device)
 
         def sample():
             with vae.autocast(device, dtype):
                 vae.decode_images(net, z)
-        return (lambda: vae.train_step(model, net, optimizer, scaler, x, 1.0, args, state, dtype)), sample, 1, 1
+        return ((lambda: vae.train_step(model, net, optimizer, scaler, x, 1.0, args, state, dtype)),
+                sample, 1, 1)
     buffer = ebm.ReplayBuffer(max(args.batch_size, 256), (3, 32, 32), device, args.restart_rate)
 
     def sample():  # as --sample runs its chains: dropout off
@@ -89,8 +93,8 @@ def steps(name, module, args, device, dtype):
             ebm.sgld(lambda v: model(v).float(), x, args.sgld_steps, args.sgld_step_size,
                      args.sgld_noise, args.sgld_grad_clip)
         net.train()
-    return (lambda: ebm.train_step(model, net, optimizer, scaler, buffer, x, args, dtype)), sample, \
-        args.sgld_steps, args.sgld_steps
+    return ((lambda: ebm.train_step(model, net, optimizer, scaler, buffer, x, args, dtype)),
+            sample, args.sgld_steps, args.sgld_steps)
 
 
 def main(argv=None):
@@ -109,12 +113,13 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     train_step, sample, evaluations, nfe = steps(own.model, module, args, device, dtype)
     train_s = seconds_per_call(train_step, own.repeats)
-    sample_s = seconds_per_call(sample, max(1, own.repeats // 3 if own.model == "ebm" else own.repeats))
+    sample_s = seconds_per_call(sample, max(1, own.repeats // 3 if own.model == "ebm"
+                                            else own.repeats))
     params = sum(p.numel() for p in module.build(args, device)[0].parameters())
     result = {**machine(device), "model": own.model, "parameters": params, "width": args.width,
-              "precision": str(dtype or torch.float32).removeprefix("torch."), "compile": args.compile,
-              "memory_format": own.memory_format or "the model file's", "batch_size": args.batch_size,
-              "train_images_per_s": args.batch_size / train_s,
+              "precision": str(dtype or torch.float32).removeprefix("torch."),
+              "compile": args.compile, "memory_format": own.memory_format or "the model file's",
+              "batch_size": args.batch_size, "train_images_per_s": args.batch_size / train_s,
               "network_evaluations_per_s": args.batch_size * evaluations / sample_s,
               "nfe_per_sample": nfe,
               "projected_hours_200_epochs": 200 * 50_000 * train_s / args.batch_size / 3600,

@@ -37,10 +37,12 @@ class Files(torch.utils.data.Dataset):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="cifar10", help="'cifar10' or a folder of images")
-    p.add_argument("--data-root", default="data", help="where CIFAR-10 and decoded-image caches live")
+    p.add_argument("--data-root", default="data",
+                   help="where CIFAR-10 and decoded-image caches live")
     p.add_argument("--batch-size", type=common.positive_int, default=128, help="images per batch")
     args = p.parse_args(argv)
-    images = common.load_images(args.data, args.data_root, "train")  # decoded once, as training does
+    # decoded once, as training does
+    images = common.load_images(args.data, args.data_root, "train")
     loader = common.DeviceLoader(images, args.batch_size, "cpu", seed=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core for ours, two worker processes for the DataLoader
@@ -55,13 +57,15 @@ def main(argv=None):
         dataset = CIFAR10(args.data_root, train=True, transform=flip)
     else:
         dataset = Files(common._folder_split(args.data, "train")[1],
-                        transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), flip]))
-    dl = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=2,
-                                     drop_last=True)
+                        transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32),
+                                            flip]))
+    dl = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                     num_workers=2, drop_last=True)
     start = time.perf_counter()
     n_theirs = sum(len(x) for x, _ in dl)
     theirs = time.perf_counter() - start
-    print(f"DeviceLoader (ours):          {n_ours} images in {ours:.3f} s ({n_ours / ours:,.0f} img/s)")
+    print(f"DeviceLoader (ours):          {n_ours} images in {ours:.3f} s "
+          f"({n_ours / ours:,.0f} img/s)")
     print(f"DataLoader (2 workers, PIL):  {n_theirs} images in {theirs:.3f} s "
           f"({n_theirs / theirs:,.0f} img/s)")
     ratio = (n_ours / ours) / (n_theirs / theirs)

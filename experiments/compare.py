@@ -34,7 +34,8 @@ def bits_per_dim(run_dir, evaluation, rows):
         return likelihood["bits_per_dim"], f"{likelihood['method']}, N {likelihood['n']:,}" + \
             (f", +- {spread:.3f}" if spread is not None else "")
     if "test_iwae_bpd" in evaluation:
-        return evaluation["test_iwae_bpd"], f"IWAE K {evaluation['iw_samples']}, N {evaluation['n_test']:,}"
+        return (evaluation["test_iwae_bpd"],
+                f"IWAE K {evaluation['iw_samples']}, N {evaluation['n_test']:,}")
     last = next((r["test_bpd"] for r in reversed(rows) if "test_bpd" in r), None)
     return last, None if last is None else "ELBO (last epoch)"
 
@@ -58,8 +59,9 @@ def run_row(run_dir):
             bench.get("train_images_per_s"),
             "epoch_seconds": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else None,
             "epochs": ckpt.get("epoch"), "bits_per_dim": bpd, "bpd_method": method,
-            "fid": evaluation.get("fid"), "is": evaluation.get("is_mean"), "kid": evaluation.get("kid_mean"),
-            "n": evaluation.get("n_samples"), "extractor": evaluation.get("extractor"),
+            "fid": evaluation.get("fid"), "is": evaluation.get("is_mean"),
+            "kid": evaluation.get("kid_mean"), "n": evaluation.get("n_samples"),
+            "extractor": evaluation.get("extractor"),
             "sampling_s_per_1000": evaluation.get("sampling_seconds_per_1000"),
             "nfe_per_sample": evaluation.get("nfe_per_sample") or bench.get("nfe_per_sample")}
 
@@ -67,9 +69,10 @@ def run_row(run_dir):
 COLUMNS = [("model", "model", "{}"), ("run", "run", "{}"), ("parameters", "parameters", "{:,}"),
            ("img_per_s", "train img/s", "{:.1f}"), ("epoch_seconds", "s / epoch", "{:.0f}"),
            ("epochs", "epochs", "{}"), ("bits_per_dim", "test bits/dim", "{:.3f}"),
-           ("bpd_method", "(method, N, spread)", "{}"), ("fid", "FID", "{:.2f}"), ("is", "IS", "{:.2f}"),
-           ("kid", "KID", "{:.4f}"), ("n", "N", "{:,}"), ("extractor", "features", "{}"),
-           ("sampling_s_per_1000", "sampling s / 1000", "{:.1f}"), ("nfe_per_sample", "NFE / sample", "{:,}")]
+           ("bpd_method", "(method, N, spread)", "{}"), ("fid", "FID", "{:.2f}"),
+           ("is", "IS", "{:.2f}"), ("kid", "KID", "{:.4f}"), ("n", "N", "{:,}"),
+           ("extractor", "features", "{}"), ("sampling_s_per_1000", "sampling s / 1000", "{:.1f}"),
+           ("nfe_per_sample", "NFE / sample", "{:,}")]
 
 
 def compare(run_dirs, out_dir="runs"):
@@ -78,17 +81,21 @@ def compare(run_dirs, out_dir="runs"):
         if not (Path(run) / "config.json").exists():
             raise common.UserError(f"{run} is not a run folder (no config.json)")
     rows = [run_row(run) for run in run_dirs]
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        lines.append("| " + " | ".join("—" if row[k] is None else f.format(row[k]) for k, _, f in COLUMNS) + " |")
+        lines.append("| " + " | ".join("—" if row[k] is None else f.format(row[k])
+                                       for k, _, f in COLUMNS) + " |")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.md").write_text("\n".join(lines) + "\n\n— : not measured for this run (never "
-                                        "invented). " + __doc__.split("\n\n")[2].replace("\n", " ") + "\n")
+    (out_dir / "compare.md").write_text("\n".join(lines)
+                                        + "\n\n— : not measured for this run (never invented). "
+                                        + __doc__.split("\n\n")[2].replace("\n", " ") + "\n")
     plt = common.pyplot()
     fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 4.4), squeeze=False)
     for ax, run, row in zip(axes[0], run_dirs, rows):
-        grids = sorted(Path(run).glob("samples/epoch_*.png"))[-1:] or sorted(Path(run).glob("samples.png"))
+        grids = (sorted(Path(run).glob("samples/epoch_*.png"))[-1:]
+                 or sorted(Path(run).glob("samples.png")))
         if grids:
             ax.imshow(plt.imread(grids[0]))
         ax.set_title(row["run"].replace("__", "\n", 1), fontsize=8)

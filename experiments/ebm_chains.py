@@ -61,6 +61,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import ebm  # noqa: E402
+from experiments import toys  # noqa: E402
 from experiments.ebm_toy import TOY, train_toy  # noqa: E402
 
 SCHEMES = {  # name: (restart rate, SGLD steps); 128 negatives per update, TOY["iterations"] updates
@@ -70,7 +71,7 @@ SCHEMES = {  # name: (restart rate, SGLD steps); 128 negatives per update, TOY["
     "short-run-100": (1.0, 100),
 }
 TOYS = ("8gaussians", "rings")
-STD = {"8gaussians": 0.15, "rings": 0.08}  # common.toy_data's noise
+STD = {"8gaussians": 0.15, "rings": 0.08}  # toys.toy_data's noise
 MEASURES = ("tv", "weight_tv", "off_mode", "origin", "shape_tv", "location_std", "covered",
             "samples_weight_tv", "samples_off_mode", "samples_far")
 
@@ -84,7 +85,7 @@ def grid(n):
 
 
 def true_density(name, points):
-    """p(x) of common.toy_data on the points, in closed form. A ring of radius k blurred by
+    """p(x) of toys.toy_data on the points, in closed form. A ring of radius k blurred by
     N(0, s^2 I) has density exp(-(r^2 + k^2) / 2s^2) I0(r k / s^2) / (2 pi s^2) at radius r
     (I0: the modified Bessel function, the angle's average of exp(r k cos(angle) / s^2))."""
     var = STD[name] ** 2
@@ -165,7 +166,7 @@ def reference(name, seed, n_grid, n_samples=2000):
     """The row "data": p against itself (its own off-mode and origin mass) and n true samples, whose
     samples_weight_tv is the sampling noise of n points, the floor for every scheme's."""
     points, _ = grid(n_grid)
-    data = common.toy_data(name, n_samples, torch.Generator().manual_seed(seed))
+    data = toys.toy_data(name, n_samples, torch.Generator().manual_seed(seed))
     return {**compare(name, true_density(name, points), points), **compare_samples(name, data),
             "toy": name, "scheme": "data", "seed": seed, "samples": data}
 

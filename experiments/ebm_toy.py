@@ -1,11 +1,12 @@
-"""ebm.py's loss, sampler and replay buffer on a 2-D toy, where the density is known: a minute on a laptop.
+"""ebm.py's loss, sampler and replay buffer on a 2-D toy, where the density is known: a minute on a
+laptop.
 
-    python -m experiments.ebm_toy                 # 8gaussians: runs/ebm-toy__.../toy.png and toy.json
-    python -m experiments.ebm_toy --data rings    # three rings
+    python -m experiments.ebm_toy               # 8gaussians: runs/ebm-toy__.../toy.png and toy.json
+    python -m experiments.ebm_toy --data rings  # three rings
 
 An MLP energy trained by the same contrastive divergence, SGLD and replay buffer as the image model,
-but with the sampler at temperature 1: step eps/2 and noise sqrt(eps) in Langevin's proportion and no
-clipping, so that exp(-E) itself is the density learned. A small alpha lets energies span the ~15
+but with the sampler at temperature 1: step eps/2 and noise sqrt(eps) in Langevin's proportion and
+no clipping, so that exp(-E) itself is the density learned. A small alpha lets energies span the ~15
 nats between a mode and the gap beside it. The figure shows the data, exp(-E), -E, and the buffer's
 samples: contrastive divergence learns where the modes are far better than how heavy they are
 (experiments/ebm_chains.py measures it).
@@ -13,8 +14,8 @@ samples: contrastive divergence learns where the modes are far better than how h
 
 import argparse
 import json
-import sys
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -26,13 +27,15 @@ import torch.nn as nn  # noqa: E402
 
 import common  # noqa: E402
 import ebm  # noqa: E402
+from experiments import toys  # noqa: E402
 
 TOY = {"hidden": 128, "iterations": 3000, "batch": 128, "steps": 10, "eps": 0.005, "alpha": 0.001,
        "lr": 5e-3, "box": 4.0}
 
 
 def toy_energy_net(hidden=128):
-    """The toy's energy: an MLP (B, 2) -> (B,), smooth (SiLU) for the same reason as the image net."""
+    """The toy's energy: an MLP (B, 2) -> (B,), smooth (SiLU) for the same reason as the image
+    net."""
     return nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                          nn.Linear(hidden, 1), nn.Flatten(0))
 
@@ -48,10 +51,10 @@ def train_toy(name, iterations=None, seed=1, steps=None, chains=None, restart_ra
     buffer = ebm.ReplayBuffer(10000, (2,), "cpu", restart_rate, low=-box, high=box)
     for _ in range(iterations or TOY["iterations"]):
         x_neg, idx = buffer.sample(chains or TOY["batch"])
-        x_neg, _ = ebm.sgld(net, x_neg, steps or TOY["steps"], TOY["eps"] / 2, math.sqrt(TOY["eps"]),
-                            bounds=(-box, box))
+        x_neg, _ = ebm.sgld(net, x_neg, steps or TOY["steps"], TOY["eps"] / 2,
+                            math.sqrt(TOY["eps"]), bounds=(-box, box))
         buffer.push(x_neg, idx)
-        energies = net(torch.cat([common.toy_data(name, TOY["batch"], g), x_neg]))
+        energies = net(torch.cat([toys.toy_data(name, TOY["batch"], g), x_neg]))
         loss = ebm.contrastive_divergence_loss(energies[:TOY["batch"]], energies[TOY["batch"]:],
                                                TOY["alpha"])
         optimizer.zero_grad(set_to_none=True)
@@ -66,7 +69,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--run-dir", default="runs", help="parent folder of the output folder")
     args = p.parse_args(argv)
-    run_dir = Path(args.run_dir) / f"ebm-toy__{args.data}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(args.run_dir) / (f"ebm-toy__{args.data}__{args.seed}__"
+                                    f"{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True)
     start = time.perf_counter()
     net, buffer = train_toy(args.data, seed=args.seed)
@@ -75,18 +79,22 @@ def main(argv=None):
     grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
     with torch.no_grad():
         energy = net(grid).view(n, n)
-        data = common.toy_data(args.data, 2000, torch.Generator().manual_seed(0))
+        data = toys.toy_data(args.data, 2000, torch.Generator().manual_seed(0))
         e_data, e_noise = net(data), net(buffer.noise(2000, (2,), "cpu")).mean().item()
     common.save_panels({f"data: {args.data}": data,
-                        "learned density exp(-E) (its grid maximum = 1)": torch.exp(-(energy - energy.min())),
-                        "log density -E (down to the data's highest E)": (-energy).clamp(min=-e_data.max().item()),
-                        f"samples: the replay buffer (SGLD, K = {TOY['steps']})": buffer.samples[:2000]},
+                        "learned density exp(-E) (its grid maximum = 1)":
+                            torch.exp(-(energy - energy.min())),
+                        "log density -E (down to the data's highest E)":
+                            (-energy).clamp(min=-e_data.max().item()),
+                        f"samples: the replay buffer (SGLD, K = {TOY['steps']})":
+                            buffer.samples[:2000]},
                        run_dir / "toy.png", box)
     result = {"data": args.data, **TOY, "wall_s": wall, "mean_energy_data": e_data.mean().item(),
               "mean_energy_uniform": e_noise}
     (run_dir / "toy.json").write_text(json.dumps(result, indent=2))
     print(f"toy {args.data}: {TOY['iterations']} updates in {wall:.1f} s; mean E on data "
-          f"{result['mean_energy_data']:.2f}, on uniform noise over the box {e_noise:.2f}; {run_dir}/toy.png")
+          f"{result['mean_energy_data']:.2f}, on uniform noise over the box {e_noise:.2f}; "
+          f"{run_dir}/toy.png")
     return run_dir
 
 

@@ -1,22 +1,29 @@
-"""Runs that survive faults: each model file killed at random moments and inside checkpoint saves, then
-resumed; and a list of bad inputs, each of which must get one clear line and leave the run untouched.
+"""Runs that survive faults: each model file killed at random moments and inside checkpoint saves,
+then resumed; and a list of bad inputs, each of which must get one clear line and leave the run
+untouched.
 
-    OMP_NUM_THREADS=1 python -m experiments.fault_matrix --out runs/fault_matrix      # about 20 CPU minutes
-    OMP_NUM_THREADS=1 python -m experiments.fault_matrix --out /tmp/fm --kills 1      # a quick look
+    # about 20 CPU minutes
+    OMP_NUM_THREADS=1 python -m experiments.fault_matrix --out runs/fault_matrix \
+        --record experiments/results/fault_matrix.json
+    # a quick look
+    OMP_NUM_THREADS=1 python -m experiments.fault_matrix --out /tmp/fm --kills 1
 
-Kills: for each model, a tiny run (width 8, 64 images written here, 3 epochs) is `kill -9`ed --kills times at
-a random moment, --save-kills times inside a checkpoint save (the save is slowed down by a wrapper so that the
-kill lands between the temporary file and the rename), and once as a two-process torchrun. After each kill
-the run is resumed (or started again, if the kill came before its first checkpoint) to 3 epochs, and checked:
-a loadable checkpoint of epoch 3, each epoch's row once in metrics.jsonl, steps in order, no .tmp left.
+Kills: for each model, a tiny run (width 8, 64 images written here, 3 epochs) is `kill -9`ed --kills
+times at a random moment (30-95% of the time an uninterrupted run takes, measured first; a run that
+ends before its kill is counted apart, not as survived), --save-kills times inside a checkpoint save
+(the save is slowed down by a wrapper so that the kill lands between the temporary file and the
+rename), and once as a two-process torchrun. After each kill the run is resumed (or started again,
+if the kill came before its first checkpoint) to 3 epochs, and checked: a loadable checkpoint of
+epoch 3, each epoch's row once in metrics.jsonl, steps in order, no .tmp left.
 
-Bad inputs: flags out of range (0, negative, nan, text), an absent --device cuda, unknown flags, --name that is
-a path; --data missing, a file, empty, or only unreadable images; --data-root and --run-dir that are files;
---resume of a finished run, of a missing folder, of a folder that is not a run; a network of another width;
-broken run folders (truncated, random, empty, pickled-code, foreign, incomplete or non-dict checkpoints; no or
-damaged config.json) for --sample and --resume; a second process writing a run that is being written. Each
-must exit non-zero with one line on stderr, no traceback, and leave the run folder byte for byte as it was.
-Writes OUT/fault_matrix.json and prints the table.
+Bad inputs: flags out of range (0, negative, nan, text), an absent --device cuda, unknown flags,
+--name that is a path; --data missing, a file, empty, or only unreadable images; --data-root and
+--run-dir that are files; --resume of a finished run, of a missing folder, of a folder that is not a
+run; a network of another width; broken run folders (truncated, random, empty, pickled-code,
+foreign, incomplete or non-dict checkpoints; no or damaged config.json) for --sample and --resume; a
+second process writing a run that is being written. Each must exit non-zero with one line on stderr,
+no traceback, and leave the run folder byte for byte as it was. Writes OUT/fault_matrix.json and
+prints the table.
 """
 
 import argparse
@@ -37,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-TINY = {"ncsn": ["--width", "8", "--channel-mult", "1,2", "--num-res-blocks", "1", "--num-scales", "10",
-                 "--steps-per-level", "1", "--limit-test", "16"],
+TINY = {"ncsn": ["--width", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
+                 "--num-scales", "10", "--steps-per-level", "1", "--limit-test", "16"],
         "vae": ["--width", "8", "--blocks", "1", "--latent-channels", "4", "--mixtures", "3"],
         "ebm": ["--width", "8", "--sgld-steps", "3", "--buffer-size", "64"]}
 SLOW_SAVE = """
@@ -64,7 +71,8 @@ def write_images(folder, n=64):
     for split, count in (("train", n), ("test", 16)):
         (folder / split / "a").mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / split / "a" / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                folder / split / "a" / f"{i}.png")
 
 
 def digest(folder):
@@ -73,13 +81,14 @@ def digest(folder):
 
 
 def command(model, *args, torchrun=False):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
-        if torchrun else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2"] if torchrun else [sys.executable]
     return [*launcher, str(ROOT / f"{model}.py"), *map(str, args)]
 
 
 def check(run, epochs=3):
-    """(ok, why): a loadable checkpoint of `epochs` epochs, each epoch logged once, steps in order, no .tmp."""
+    """(ok, why): a loadable checkpoint of `epochs` epochs, each epoch logged once, steps in order,
+    no .tmp."""
     try:
         ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     except Exception as e:
@@ -92,22 +101,40 @@ def check(run, epochs=3):
     return (not list(run.glob("*.tmp"))), "a .tmp was left"
 
 
-def kill_and_resume(model, base, out, name, when, torchrun=False):
-    """Train, kill -9 at `when` ('random' or 'save'), resume to 3 epochs; the check's (ok, why)."""
+def tiny_run(model, base, out, name):
+    return [*base, "--run-dir", out / "runs" / name, "--name", name, *TINY[model],
+            "--batch-size", 16, "--epochs", 3]
+
+
+def seconds_to_finish(model, base, out, torchrun=False):
+    """Wall seconds of one uninterrupted tiny run, start-up included: the random kills land
+    inside it."""
+    start = time.perf_counter()
+    name = f"{model}-whole-{'torchrun' if torchrun else 'one'}"
+    subprocess.run(command(model, *tiny_run(model, base, out, name), torchrun=torchrun),
+                   capture_output=True, check=True, timeout=900)
+    return time.perf_counter() - start
+
+
+def kill_and_resume(model, base, out, name, when, torchrun=False, seconds=10.0):
+    """Train, kill -9 at `when` ('save', or 'random': a moment in the first 30-95% of `seconds`),
+    resume to 3 epochs; the check's (ok, why), or None when the run ended before the kill."""
     runs = out / "runs" / name
-    args = [*base, "--run-dir", runs, "--name", name, *TINY[model], "--batch-size", 16, "--epochs", 3]
+    args = tiny_run(model, base, out, name)
     if when == "save":
         script = out / f"slow_{model}.py"
         script.write_text(SLOW_SAVE.format(root=str(ROOT), model=model))
-        proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, str(script), *map(str, args)],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
         for line in proc.stdout:  # kill it while a save is half done
             if "SAVING" in line:
                 break
     else:
         proc = subprocess.Popen(command(model, *args, torchrun=torchrun), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(random.uniform(3, 15))
+        time.sleep(random.uniform(0.3, 0.95) * seconds)
+    if proc.poll() is not None:
+        return None
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: torchrun's workers too
     proc.wait()
     folders = list(runs.glob(f"{model}__*")) if runs.exists() else []
@@ -122,11 +149,12 @@ def kill_and_resume(model, base, out, name, when, torchrun=False):
 
 def bad_inputs(model, base, out):
     """(cases that failed cleanly, all cases, the ones that did not) for one model."""
-    subprocess.run(command(model, *base, "--run-dir", out / "bad" / model, *TINY[model], "--batch-size",
-                            16, "--epochs", 1), capture_output=True, check=True)
+    subprocess.run(command(model, *base, "--run-dir", out / "bad" / model, *TINY[model],
+                           "--batch-size", 16, "--epochs", 1), capture_output=True, check=True)
     run = next((out / "bad" / model).glob(f"{model}__*"))
     broken = out / "broken" / model
-    payloads = {"cut": (run / "checkpoint.pt").read_bytes()[:500], "random": os.urandom(4000), "empty": b""}
+    payloads = {"cut": (run / "checkpoint.pt").read_bytes()[:500], "random": os.urandom(4000),
+                "empty": b""}
     for name, data in payloads.items():
         (broken / name).mkdir(parents=True, exist_ok=True)
         (broken / name / "config.json").write_bytes((run / "config.json").read_bytes())
@@ -144,53 +172,71 @@ def bad_inputs(model, base, out):
     (out / "junk" / "train").mkdir(parents=True, exist_ok=True)
     (out / "junk" / "train" / "0.png").write_bytes(b"not a png")
     fresh = [*base, "--run-dir", out / "fresh", *TINY[model], "--epochs", 1]
-    cases = [[*fresh, flag, value] for flag in ("--epochs", "--batch-size", "--lr", "--ema", "--limit-train",
-                                                 "--log-every", "--grad-clip", "--max-bad-steps")
+    cases = [[*fresh, flag, value] for flag in ("--epochs", "--batch-size", "--lr", "--ema",
+                                                "--limit-train", "--log-every", "--grad-clip",
+                                                "--max-bad-steps")
              for value in ("0", "-1", "nan", "abc")]
-    cases += [[*fresh, "--device", "cuda"] if not torch.cuda.is_available() else [*fresh, "--device", "tpu"],
+    cases += [[*fresh, "--device", "cuda"] if not torch.cuda.is_available()
+              else [*fresh, "--device", "tpu"],
               [*fresh, "--no-such-flag"], [*fresh, "--name", "a/b"], [*fresh, "--name", "../../x"],
               [*fresh, "--data", out / "missing"], [*fresh, "--data", out / "a_file"],
               [*fresh, "--data", out / "empty_dir"], [*fresh, "--data", out / "junk"],
               [*fresh, "--data-root", out / "a_file"], [*fresh, "--run-dir", out / "a_file"],
               ["--resume", run, "--epochs", 1], ["--resume", out / "missing", "--epochs", 2],
               ["--resume", out / "empty_dir", "--epochs", 2], ["--sample", run, "--width", 16]]
-    cases += [[command_flag, broken / name] + (["--epochs", 5] if command_flag == "--resume" else [])
-              for command_flag in ("--sample", "--resume") for name in sorted(p.name for p in broken.iterdir())]
+    cases += [[command_flag, broken / name]
+              + (["--epochs", 5] if command_flag == "--resume" else [])
+              for command_flag in ("--sample", "--resume")
+              for name in sorted(p.name for p in broken.iterdir())]
     before, failed = digest(run), []
     for case in cases:
         proc = subprocess.run(command(model, *case), capture_output=True, text=True, timeout=300)
         lines = proc.stderr.strip().splitlines()
         if proc.returncode == 0 or len(lines) != 1 or "Traceback" in proc.stderr:
-            failed.append(" ".join(map(str, case[-3:])) + f" -> exit {proc.returncode}: {lines[-1:]}")
+            failed.append(" ".join(map(str, case[-3:]))
+                          + f" -> exit {proc.returncode}: {lines[-1:]}")
     untouched = digest(run) == before and not (out / "fresh").exists()
     return len(cases) - len(failed) if untouched else 0, len(cases), failed
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/fault_matrix", help="where the tiny runs and the record go")
+    p.add_argument("--out", default="runs/fault_matrix",
+                   help="where the tiny runs and the record go")
     p.add_argument("--kills", type=int, default=4, help="kills at a random moment, per model")
-    p.add_argument("--save-kills", type=int, default=3, help="kills inside a checkpoint save, per model")
+    p.add_argument("--save-kills", type=int, default=3,
+                   help="kills inside a checkpoint save, per model")
     p.add_argument("--seed", type=int, default=0, help="of the random kill times")
+    p.add_argument("--record", help="also write the record here (experiments/results/...)")
     cli = p.parse_args(argv)
     random.seed(cli.seed)
     out = Path(cli.out).resolve()
     write_images(out / "images")
-    base = ["--data", out / "images", "--data-root", out / "data", "--device", "cpu", "--log-every", 1]
+    base = ["--data", out / "images", "--data-root", out / "data", "--device", "cpu",
+            "--log-every", 1]
     record = {}
     for model in TINY:
-        kills = [("random", False)] * cli.kills + [("save", False)] * cli.save_kills + [("random", True)]
-        results = [kill_and_resume(model, base, out, f"{model}-{i}", when, torchrun)
-                   for i, (when, torchrun) in enumerate(kills)]
+        kills = ([("random", False)] * cli.kills + [("save", False)] * cli.save_kills
+                 + [("random", True)])
+        seconds = {t: seconds_to_finish(model, base, out, t) for t in (False, True)}
+        outcomes = [kill_and_resume(model, base, out, f"{model}-{i}", when, t, seconds[t])
+                    for i, (when, t) in enumerate(kills)]
+        results = [r for r in outcomes if r is not None]
         clean, total, failed = bad_inputs(model, base, out)
         record[model] = {"kills_survived": sum(ok for ok, _ in results), "kills": len(results),
+                         "ended_before_the_kill": len(outcomes) - len(results),
                          "kill_failures": [why for ok, why in results if not ok],
-                         "bad_inputs_clean": clean, "bad_inputs": total, "bad_input_failures": failed}
+                         "bad_inputs_clean": clean, "bad_inputs": total,
+                         "bad_input_failures": failed}
         print(json.dumps({model: record[model]}), flush=True)
     (out / "fault_matrix.json").write_text(json.dumps(record, indent=2))
-    print("| | kills survived | bad inputs answered in one line, exit 1 or 2, run untouched |\n|---|---|---|")
+    if cli.record:
+        Path(cli.record).write_text(json.dumps(record, indent=2))
+    print("| | kills survived | runs that ended before their kill | bad inputs answered in one line"
+          ", exit 1 or 2, run untouched |\n|---|---|---|---|")
     for model, r in record.items():
-        print(f"| `{model}.py` | {r['kills_survived']} of {r['kills']} | {r['bad_inputs_clean']} of {r['bad_inputs']} |")
+        print(f"| `{model}.py` | {r['kills_survived']} of {r['kills']} | "
+              f"{r['ended_before_the_kill']} | {r['bad_inputs_clean']} of {r['bad_inputs']} |")
     return record
 
 

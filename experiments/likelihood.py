@@ -75,6 +75,7 @@ from scipy.integrate import solve_ivp
 
 import common
 from common import IMAGE_DIMS, UserError
+from experiments import toys
 
 
 def dequantise(images, generator):
@@ -155,7 +156,7 @@ def gaussian_log_prob(x, mean, variance, sigma):
 
 def mixture_score(x, sigma):
     """The exact score of NCSN's 2-D mixture blurred by sigma, differentiable in x (needs grad)."""
-    return torch.autograd.grad(common.mixture_log_prob(x, sigma).sum(), x, create_graph=True)[0]
+    return torch.autograd.grad(toys.mixture_log_prob(x, sigma).sum(), x, create_graph=True)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +354,7 @@ def markdown(rows):
 # ----------------------------------------------------------------------------------------------
 
 MIXTURE_MEAN = sum(w * torch.tensor(m, dtype=torch.float64)
-                   for w, m in zip(common.MIXTURE_WEIGHTS, common.MIXTURE_MEANS))  # (3, 3)
+                   for w, m in zip(toys.MIXTURE_WEIGHTS, toys.MIXTURE_MEANS))  # (3, 3)
 
 
 def ode_known_answers(copies=50, sigma_min=0.01):
@@ -374,8 +375,8 @@ def ode_known_answers(copies=50, sigma_min=0.01):
                                        prior_mean=mean)
             rows.append((f"Gaussian, D = {dims}", "exact" if exact else "Hutchinson, 1 probe",
                          ((log_p - truth) / dims).abs().max().item(), nfev))
-    x = torch.cat([common.toy_data("mixture", 6, g).double(), torch.tensor([[0.0, 0], [1, -2]])])
-    truth = common.mixture_log_prob(x, sigma_min)
+    x = torch.cat([toys.toy_data("mixture", 6, g).double(), torch.tensor([[0.0, 0], [1, -2]])])
+    truth = toys.mixture_log_prob(x, sigma_min)
     exact, nfev = ode_log_prob(mixture_score, x, sigma_min, 200.0, True, 0, MIXTURE_MEAN)
     rows.append(("mixture, D = 2", "exact", ((exact - truth) / 2).abs().max().item(), nfev))
     probes, nfev = ode_log_prob(mixture_score, x.repeat(copies, 1), sigma_min, 200.0,
@@ -390,7 +391,8 @@ def ode_known_answers(copies=50, sigma_min=0.01):
 def ais_known_answers(name, ks=(10, 100, 1000), chains=4000, repeats=5, step=0.03,
                       iterations=None):
     """(log Z by quadrature, rows (K, mean and sd over repeats of forward log Z_hat - log Z, the
-    same for reverse runs from exact samples, MALA acceptance)) on an experiments/ebm_toy.py energy."""
+    same for reverse runs from exact samples, MALA acceptance)) on an experiments/ebm_toy.py
+    energy."""
     energy, half_width = load_toy_energy(name, iterations)
     box, g = (-half_width, half_width), torch.Generator().manual_seed(0)
     log_z, exact = grid_log_partition(energy, half_width, 500, chains * repeats, g)

@@ -1,18 +1,21 @@
 """What a short CPU run of ncsn.py learns first, and the recipe that shows image structure soonest.
 
-    OMP_NUM_THREADS=1 python -m experiments.ncsn_laptop train --budget 600   # the runs, one at a time
-    OMP_NUM_THREADS=1 python -m experiments.ncsn_laptop report                # tables and the figure
+    # the runs, one at a time
+    OMP_NUM_THREADS=1 python -m experiments.ncsn_laptop train --budget 600
+    # tables and the figure
+    OMP_NUM_THREADS=1 python -m experiments.ncsn_laptop report
 
-Every configuration trains the same small network (width 32, 1.05M parameters) on the first 6,400 images
-of the JPEG copy of CIFAR-10 for the same single-thread CPU time (--budget seconds: calibrated from a
-measured CPU time per step, then each run's own CPU seconds are recorded). What each run logs every epoch
-is its test DSM loss per quarter of its noise levels (q1: the largest sigmas); its previews show what the
-probability-flow ODE draws after each epoch. The report scores the final EMA network's samples (64, the
-ODE at 100 network evaluations, from the same starts) against 1,000 test images on three measures of
-image statistics that need no Inception network: the share of pixel values outside [0, 1] (saturated
-colour), the 1-Wasserstein distance between the distributions of pixel values (colour), and the mean
-absolute log-ratio of the radially averaged power spectra (how energy spreads over spatial scales:
-texture and structure). Writes experiments/results/ncsn_laptop.json and .md, runs/figures/ncsn_laptop.png.
+Every configuration trains the same small network (width 32, 1.05M parameters) on the first 6,400
+images of the JPEG copy of CIFAR-10 for the same single-thread CPU time (--budget seconds:
+calibrated from a measured CPU time per step, then each run's own CPU seconds are recorded). What
+each run logs every epoch is its test DSM loss per quarter of its noise levels (q1: the largest
+sigmas); its previews show what the probability-flow ODE draws after each epoch. The report scores
+the final EMA network's samples (64, the ODE at 100 network evaluations, from the same starts)
+against 1,000 test images on three measures of image statistics that need no Inception network: the
+share of pixel values outside [0, 1] (saturated colour), the 1-Wasserstein distance between the
+distributions of pixel values (colour), and the mean absolute log-ratio of the radially averaged
+power spectra (how energy spreads over spatial scales: texture and structure). Writes
+experiments/results/ncsn_laptop.json and .md, runs/figures/ncsn_laptop.png.
 """
 
 import argparse
@@ -33,9 +36,9 @@ import ncsn  # noqa: E402
 
 RECORD = ROOT / "experiments" / "results" / "ncsn_laptop.json"
 JPEG = os.environ.get("JPEG", str(ROOT.parent / "shared" / "data" / "cifar10-jpeg"))
-SMALL = ["--data", JPEG, "--data-root", str(ROOT / "data"), "--width", "32", "--channel-mult", "1,2,2",
-         "--num-res-blocks", "1", "--batch-size", "64", "--limit-train", "6400", "--limit-test", "500",
-         "--log-every", "20", "--device", "cpu"]
+SMALL = ["--data", JPEG, "--data-root", str(ROOT / "data"), "--width", "32",
+         "--channel-mult", "1,2,2", "--num-res-blocks", "1", "--batch-size", "64",
+         "--limit-train", "6400", "--limit-test", "500", "--log-every", "20", "--device", "cpu"]
 CONFIGS = {  # name -> (flags, what it changes)
     "ncsnv2": ([], "NCSNv2's recipe (the GPU default): sigma_1 50, L 232, lr 1e-4, EMA 0.999"),
     "fast": (["--lr", "1e-3", "--ema", "0.99"], "lr 1e-3, EMA 0.99"),
@@ -45,17 +48,20 @@ CONFIGS = {  # name -> (flags, what it changes)
                "lr 1e-3, EMA 0.99, sigma_1 5, L 100"),
     "sigma5-L30": (["--lr", "1e-3", "--ema", "0.99", "--sigma-max", "5", "--num-scales", "30"],
                    "lr 1e-3, EMA 0.99, sigma_1 5, L 30 (each level trained 3x as often)"),
-    "sigma5-wide": (["--lr", "1e-3", "--ema", "0.99", "--sigma-max", "5", "--num-scales", "100", "--width",
-                     "64"], "lr 1e-3, EMA 0.99, sigma_1 5, L 100, width 64 (4x the cost of a step)"),
+    "sigma5-wide": (["--lr", "1e-3", "--ema", "0.99", "--sigma-max", "5", "--num-scales", "100",
+                     "--width", "64"],
+                    "lr 1e-3, EMA 0.99, sigma_1 5, L 100, width 64 (4x the cost of a step)"),
 }
 
 
 def cpu_seconds_per_step(name, steps=4):
-    """Process CPU seconds of one training step (train_step and the EMA update) of a configuration."""
+    """Process CPU seconds of one training step (train_step and the EMA update) of a
+    configuration."""
     args = ncsn.parse_args([*SMALL, *CONFIGS[name][0]])
     torch.manual_seed(0)
     net, ema, optimizer, scaler = ncsn.build(args, torch.device("cpu"))
-    sigmas, x = ncsn.geometric_sigmas(args.sigma_max, args.sigma_min, args.num_scales), torch.rand(64, 3, 32, 32)
+    sigmas, x = (ncsn.geometric_sigmas(args.sigma_max, args.sigma_min, args.num_scales),
+                 torch.rand(64, 3, 32, 32))
     ncsn.train_step(net, net, optimizer, scaler, x, sigmas, args, None)  # warm-up
     start = time.process_time()
     for step in range(steps):
@@ -65,31 +71,36 @@ def cpu_seconds_per_step(name, steps=4):
 
 
 def train(names, budget):
-    """Each configuration for about `budget` CPU seconds (whole epochs of 100 steps), one at a time."""
+    """Each configuration for about `budget` CPU seconds (whole epochs of 100 steps), one at a
+    time."""
     torch.set_num_threads(1)
     RECORD.parent.mkdir(parents=True, exist_ok=True)
     record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
     for name in names:
         per_step = cpu_seconds_per_step(name)
         epochs = max(1, round(budget / (per_step * 100)))
-        cmd = [str(ROOT / "ncsn.py"), *SMALL, *CONFIGS[name][0], "--name", f"laptop-{name}", "--epochs",
-               str(epochs)]
+        cmd = [str(ROOT / "ncsn.py"), *SMALL, *CONFIGS[name][0], "--name", f"laptop-{name}",
+               "--epochs", str(epochs)]
         before, start = set((ROOT / "runs").glob(f"ncsn__laptop-{name}__*")), time.time()
         proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
         _, status, usage = os.wait4(proc.pid, 0)  # the child's own CPU seconds
         run = sorted(set((ROOT / "runs").glob(f"ncsn__laptop-{name}__*")) - before)
-        record[name] = {"run": str(run[-1].relative_to(ROOT)) if run else None, "exit_status": status,
-                        "epochs": epochs, "steps": 100 * epochs, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        record[name] = {"run": str(run[-1].relative_to(ROOT)) if run else None,
+                        "exit_status": status, "epochs": epochs, "steps": 100 * epochs,
+                        "cpu_seconds": usage.ru_utime + usage.ru_stime,
                         "wall_seconds": time.time() - start, "cpu_seconds_per_step": per_step,
-                        "command": "OMP_NUM_THREADS=1 python " + " ".join(cmd).replace(JPEG, "$JPEG")
-                        .replace(str(ROOT) + "/", "")}
+                        "command": ("OMP_NUM_THREADS=1 python " + " ".join(cmd)
+                                    .replace(JPEG, "$JPEG").replace(str(ROOT) + "/", ""))}
         RECORD.write_text(json.dumps(record, indent=2))
-        print(f"{name}: {epochs} epochs, {record[name]['cpu_seconds']:.0f} CPU s, exit {status}", flush=True)
+        print(f"{name}: {epochs} epochs, {record[name]['cpu_seconds']:.0f} CPU s, exit {status}",
+              flush=True)
 
 
 def spectrum(x):
-    """Radially averaged power spectrum of images (N, 3, 32, 32), averaged over images and channels."""
+    """Radially averaged power spectrum of images (N, 3, 32, 32), averaged over images and
+    channels."""
     power = torch.fft.fft2(x - x.mean((2, 3), keepdim=True)).abs().pow(2).mean((0, 1))  # (32, 32)
     f = torch.fft.fftfreq(32)
     radius = (f[:, None] ** 2 + f[None] ** 2).sqrt().mul(32).round().long().flatten()
@@ -97,10 +108,12 @@ def spectrum(x):
 
 
 def image_statistics(x, test):
-    """The three measures of the docstring: samples x (unclamped) against test images, both (N, 3, 32, 32)."""
+    """The three measures of the docstring: samples x (unclamped) against test images, both
+    (N, 3, 32, 32)."""
     clamped = x.clamp(0, 1)
     w1 = sum((clamped[:, c].flatten().sort().values - test[:, c].flatten()[torch.randperm(
-        test[:, c].numel())[:clamped[:, c].numel()]].sort().values).abs().mean() for c in range(3)) / 3
+        test[:, c].numel())[:clamped[:, c].numel()]].sort().values).abs().mean()
+             for c in range(3)) / 3
     return {"outside_0_1": ((x < 0) | (x > 1)).float().mean().item(), "pixel_w1": w1.item(),
             "spectrum_log_ratio": (spectrum(clamped) / spectrum(test)).log().abs().mean().item()}
 
@@ -110,13 +123,14 @@ def report(n=64):
     record = json.loads(RECORD.read_text())
     names = [n for n in CONFIGS if n in record and record[n]["run"]]
     test = common.load_images(JPEG, str(ROOT / "data"), "test")[:1000].float() / 255
-    lines = ["| recipe | steps | CPU s | test DSM, largest-sigma quarter: after epoch 1 / last | all levels: "
-             "last | outside [0, 1] | pixel W1 | spectrum log-ratio |", "|" + "---|" * 8]
+    lines = ["| recipe | steps | CPU s | test DSM, largest-sigma quarter: after epoch 1 / last | "
+             "all levels: last | outside [0, 1] | pixel W1 | spectrum log-ratio |",
+             "|" + "---|" * 8]
     rows = []
     for name in names:
         run = ROOT / record[name]["run"]
-        args = ncsn.parse_args(["--sample", str(run), "--device", "cpu", "--sampler", "ode", "--nfe", "100",
-                                "--batch-size", str(n)])
+        args = ncsn.parse_args(["--sample", str(run), "--device", "cpu", "--sampler", "ode",
+                                "--nfe", "100", "--batch-size", str(n)])
         net, stats = ncsn.load_trained(run, args, torch.device("cpu"))
         torch.manual_seed(0)
         x, nfe = ncsn.draw_samples(net, stats, n, args, torch.device("cpu"), None)
@@ -125,21 +139,24 @@ def report(n=64):
         logged = [r for r in common.read_metrics(run) if "test_dsm_q1" in r]
         record[name].update(scores, q1_by_epoch=[r["test_dsm_q1"] for r in logged],
                             test_dsm_by_epoch=[r["test_dsm"] for r in logged])
-        lines.append(f"| {CONFIGS[name][1]} | {record[name]['steps']} | {record[name]['cpu_seconds']:.0f} | "
-                     f"{logged[1]['test_dsm_q1']:.1f} / {logged[-1]['test_dsm_q1']:.1f} | "
-                     f"{logged[-1]['test_dsm']:.1f} | {scores['outside_0_1']:.3f} | {scores['pixel_w1']:.3f} | "
+        lines.append(f"| {CONFIGS[name][1]} | {record[name]['steps']} | "
+                     f"{record[name]['cpu_seconds']:.0f} | {logged[1]['test_dsm_q1']:.1f} / "
+                     f"{logged[-1]['test_dsm_q1']:.1f} | {logged[-1]['test_dsm']:.1f} | "
+                     f"{scores['outside_0_1']:.3f} | {scores['pixel_w1']:.3f} | "
                      f"{scores['spectrum_log_ratio']:.2f} |")
         rows.append((f"{name}: ODE, {nfe} NFE", x[:10]))
         print(lines[-1], flush=True)
     torch.manual_seed(0)
-    reference = image_statistics(test[torch.randperm(1000)[:n]], test)  # how close data is to itself
+    # how close data is to itself
+    reference = image_statistics(test[torch.randperm(1000)[:n]], test)
     lines.append(f"| 64 test images themselves | | | | | {reference['outside_0_1']:.3f} | "
                  f"{reference['pixel_w1']:.3f} | {reference['spectrum_log_ratio']:.2f} |")
     RECORD.write_text(json.dumps(record, indent=2))
     (RECORD.with_suffix(".md")).write_text("\n".join(lines) + "\n")
     rows.append(("test images", test[:10]))
     common.save_rows(rows, ROOT / "runs" / "figures" / "ncsn_laptop.png",
-                     title="after equal CPU time: the probability-flow ODE from the same starts (clamped)")
+                     title="after equal CPU time: the probability-flow ODE from the same starts "
+                           "(clamped)")
     print("\n".join(lines))
 
 

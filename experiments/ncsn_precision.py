@@ -3,12 +3,13 @@ experiments/README.md's table "Precision: bf16 at the smallest noise levels".
 
     OMP_NUM_THREADS=1 python -m experiments.ncsn_precision runs/RUN --n 256
 
-At sigma = 0.01 the noise the network must remove is a few 8-bit levels, and bf16 rounds its input by up to
-half of one. For each sigma the same test images and the same noise z go through the network three ways:
-float32; bf16 autocast everywhere (the first conv included); bf16 autocast with the first conv in float32
-(ncsn.py); and the same with the first conv's output cast to bf16 (so that it does not promote the 32x32
-level of the U-Net to float32 under autocast). Reported: the score's relative error against float32, the
-test DSM loss of each, and how much the remaining error moves a pixel in the final step x + sigma^2 s.
+At sigma = 0.01 the noise the network must remove is a few 8-bit levels, and bf16 rounds its input
+by up to half of one. For each sigma the same test images and the same noise z go through the
+network three ways: float32; bf16 autocast everywhere (the first conv included); bf16 autocast with
+the first conv in float32 (ncsn.py); and the same with the first conv's output cast to bf16
+(so that it does not promote the 32x32 level of the U-Net to float32 under autocast). Reported: the
+score's relative error against float32, the test DSM loss of each, and how much the remaining error
+moves a pixel in the final step x + sigma^2 s.
 """
 
 import argparse
@@ -20,7 +21,8 @@ import ncsn
 
 
 class InBfloat16(torch.nn.Module):
-    """Run a layer under bf16 autocast even inside ScoreNet's float32 region: undoes the fix, for comparison."""
+    """Run a layer under bf16 autocast even inside ScoreNet's float32 region: undoes the fix, for
+    comparison."""
 
     def __init__(self, layer):
         super().__init__()
@@ -32,8 +34,9 @@ class InBfloat16(torch.nn.Module):
 
 
 class OutBfloat16(torch.nn.Module):
-    """Run a layer in float32 as ScoreNet does, and hand its output on in bf16: what the network's 32x32
-    level would see if the head's float32 output did not promote it to float32 under autocast."""
+    """Run a layer in float32 as ScoreNet does, and hand its output on in bf16: what the network's
+    32x32 level would see if the head's float32 output did not promote it to float32 under
+    autocast."""
 
     def __init__(self, layer):
         super().__init__()
@@ -71,19 +74,21 @@ def main(argv=None):
     def error(s, s32):
         return 100 * ((s - s32).norm() / s32.norm()).item()
 
-    print("| sigma | score's error, all bf16 | first conv float32 | first conv float32, its output bf16 | "
-          "test DSM, float32 | all bf16 | first conv float32 | first conv float32, output bf16 | "
-          "denoising step's change, 8-bit levels |\n|" + "---|" * 9)
+    print("| sigma | score's error, all bf16 | first conv float32 | first conv float32, its output "
+          "bf16 | test DSM, float32 | all bf16 | first conv float32 | first conv float32, output "
+          "bf16 | denoising step's change, 8-bit levels |\n|" + "---|" * 9)
     for sigma in (50.0, 10.0, 1.0, 0.3, 0.1, 0.03, 0.01):
         noisy = x + sigma * z
         s32 = score(net, noisy, sigma, bf16=False)
         s_all = score(net, noisy, sigma, bf16=True, head_in_bf16=True)
         s_now = score(net, noisy, sigma, bf16=True)
         s_out = score(net, noisy, sigma, bf16=True, head_out_bf16=True)
-        step_change = (sigma**2 * (s_now - s32)).abs().mean().item() * 255  # a pixel's move in x + sigma^2 s
-        print(f"| {sigma:g} | {error(s_all, s32):.2f}% | {error(s_now, s32):.2f}% | {error(s_out, s32):.2f}% | "
-              f"{dsm(s32, sigma):.2f} | {dsm(s_all, sigma):.2f} | {dsm(s_now, sigma):.2f} | "
-              f"{dsm(s_out, sigma):.2f} | {step_change:.3f} |", flush=True)
+        # a pixel's move in x + sigma^2 s
+        step_change = (sigma**2 * (s_now - s32)).abs().mean().item() * 255
+        print(f"| {sigma:g} | {error(s_all, s32):.2f}% | {error(s_now, s32):.2f}% | "
+              f"{error(s_out, s32):.2f}% | {dsm(s32, sigma):.2f} | {dsm(s_all, sigma):.2f} | "
+              f"{dsm(s_now, sigma):.2f} | {dsm(s_out, sigma):.2f} | {step_change:.3f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,27 @@
 """NCSN 2019's setting against NCSNv2's at equal CPU time, then NCSNv2's techniques one at a time.
 
 Makes experiments/README.md's section "The 2019 setting against NCSNv2's, at equal CPU time": the
-per-sigma test DSM table of both presets, the ablation table (experiments/results/ncsn_techniques.md and
-.json), runs/figures/ncsn_techniques.png (per-sigma test DSM of every run) and
-runs/figures/ncsn_techniques_samples.png (every run's samples), and the technique-4 table (T, eps on the
-exact score of a Gaussian: experiments/results/ncsn_technique4.md). From the repository root:
+per-sigma test DSM table of both presets, the ablation table (experiments/results/ncsn_techniques.md
+and .json), runs/figures/ncsn_techniques.png (per-sigma test DSM of every run) and
+runs/figures/ncsn_techniques_samples.png (every run's samples), and the technique-4 table
+(T, eps on the exact score of a Gaussian: experiments/results/ncsn_technique4.md). From the
+repository root:
 
-    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 600 presets   # 3 runs, 2 at a time
-    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 600 ablation  # 5 more
-    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques report                       # tables, figures
-    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques langevin                     # technique 4
+    # 3 runs, 2 at a time
+    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 600 presets
+    # 5 more
+    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 600 ablation
+    # tables, figures
+    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques report
+    # technique 4
+    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques langevin
 
-Equal time on a shared machine: wall-clock time depends on what else runs, so every run gets the same
-*process CPU seconds* of one thread. `train` first measures each configuration's CPU seconds per training
-step (time.process_time, the configurations interleaved in one process), gives each the number of epochs
-that fills --budget seconds, and records the CPU seconds each run really used (its rusage) in
-experiments/results/ncsn_techniques.json. All numbers are CPU-scale, on the JPEG copy of CIFAR-10
-(the environment variable JPEG, or ../shared/data/cifar10-jpeg).
+Equal time on a shared machine: wall-clock time depends on what else runs, so every run gets the
+same *process CPU seconds* of one thread. `train` first measures each configuration's CPU seconds
+per training step (time.process_time, the configurations interleaved in one process), gives each the
+number of epochs that fills --budget seconds, and records the CPU seconds each run really used
+(its rusage) in experiments/results/ncsn_techniques.json. All numbers are CPU-scale, on the JPEG
+copy of CIFAR-10 (the environment variable JPEG, or ../shared/data/cifar10-jpeg).
 """
 
 import argparse
@@ -46,18 +51,24 @@ CONFIGS = {  # name -> (flags on top of DATA + SMALL, what the row changes)
 }
 ABLATION_BASE = ["--lr", "1e-3"]  # chosen after the first three runs: see README
 CONFIGS.update({
-    "ncsnv2-lr1e-3-seed2": ([*ABLATION_BASE, "--seed", "2"], "the same, another seed (seed-to-seed spread)"),
-    "sigma1-1": ([*ABLATION_BASE, "--sigma-max", "1"], "technique 1 off: sigma_1 = 1 (232 levels 1 -> 0.01)"),
+    "ncsnv2-lr1e-3-seed2": ([*ABLATION_BASE, "--seed", "2"],
+                            "the same, another seed (seed-to-seed spread)"),
+    "sigma1-1": ([*ABLATION_BASE, "--sigma-max", "1"],
+                 "technique 1 off: sigma_1 = 1 (232 levels 1 -> 0.01)"),
     "L10": ([*ABLATION_BASE, "--num-scales", "10"], "technique 2 off: L = 10 levels 50 -> 0.01"),
     "unconditional": ([*ABLATION_BASE, "--score-param", "unconditional"],
                       "technique 3 as NCSNv2's code: s = f(x) / sigma, f never told sigma"),
-    "embed": ([*ABLATION_BASE, "--score-param", "embed"], "technique 3 off: s = f(x, sigma), no division"),
+    "embed": ([*ABLATION_BASE, "--score-param", "embed"],
+              "technique 3 off: s = f(x, sigma), no division"),
     "no-ema": ([*ABLATION_BASE, "--ema", "0"], "technique 5 off: no EMA"),
 })
 GROUPS = {"presets": ["ncsnv2", "ncsn2019", "ncsnv2-lr1e-3"],
-          "ablation": ["ncsnv2-lr1e-3-seed2", "sigma1-1", "L10", "unconditional", "embed", "no-ema"]}
-LADDER_2019 = ncsn.geometric_sigmas(1.0, 0.01, 10).tolist()  # NCSN 2019's levels: its network knows only these
-TEST_SIGMAS = (*LADDER_2019[::-2], 1.0, 3.0, 10.0, 50.0)  # 0.01, 0.0278, 0.0774, 0.215, 0.599: its rungs
+          "ablation": ["ncsnv2-lr1e-3-seed2", "sigma1-1", "L10", "unconditional",
+                       "embed", "no-ema"]}
+# NCSN 2019's levels: its network knows only these
+LADDER_2019 = ncsn.geometric_sigmas(1.0, 0.01, 10).tolist()
+# 0.01, 0.0278, 0.0774, 0.215, 0.599: its rungs
+TEST_SIGMAS = (*LADDER_2019[::-2], 1.0, 3.0, 10.0, 50.0)
 
 
 def argv_of(name):
@@ -65,8 +76,9 @@ def argv_of(name):
 
 
 def cpu_seconds_per_step(names, steps=6, rounds=3):
-    """Median process CPU seconds of one training step (train_step + EMA update) per configuration, measured
-    in this process with the configurations interleaved, so that they share the same machine conditions."""
+    """Median process CPU seconds of one training step (train_step + EMA update) per configuration,
+    measured in this process with the configurations interleaved, so that they share the same
+    machine conditions."""
     torch.set_num_threads(1)
     setups = {}
     for name in names:
@@ -89,7 +101,8 @@ def cpu_seconds_per_step(names, steps=6, rounds=3):
 
 
 def train(names, budget, parallel=2):
-    """Each configuration for --budget CPU seconds (whole epochs of 100 steps), `parallel` at a time."""
+    """Each configuration for --budget CPU seconds (whole epochs of 100 steps), `parallel` at a
+    time."""
     per_step = cpu_seconds_per_step(names)
     RECORD.parent.mkdir(parents=True, exist_ok=True)
     record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
@@ -105,13 +118,16 @@ def train(names, budget, parallel=2):
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
             running[proc.pid] = (name, epochs, before, time.time(), " ".join(cmd[1:]))
-            print(f"started {name}: {epochs} epochs ({per_step[name]:.2f} CPU s per step measured)", flush=True)
+            print(f"started {name}: {epochs} epochs ({per_step[name]:.2f} CPU s per step measured)",
+                  flush=True)
         pid, status, usage = os.wait4(-1, 0)  # the finished child's own rusage: its CPU seconds
         name, epochs, before, wall_start, cmd = running.pop(pid)
         new = sorted(set((ROOT / "runs").glob(f"ncsn__techniques-{name}__*")) - before)
-        record[name] = {"run": str(new[-1].relative_to(ROOT)) if new else None, "exit_status": status,
-                        "epochs": epochs, "steps": epochs * 100, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                        "wall_seconds": time.time() - wall_start, "cpu_seconds_per_step_measured": per_step[name],
+        record[name] = {"run": str(new[-1].relative_to(ROOT)) if new else None,
+                        "exit_status": status, "epochs": epochs, "steps": epochs * 100,
+                        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                        "wall_seconds": time.time() - wall_start,
+                        "cpu_seconds_per_step_measured": per_step[name],
                         "command": f"OMP_NUM_THREADS=1 python {cmd}".replace(DATA[1], "$JPEG")
                         .replace(str(ROOT) + "/", "")}
         RECORD.write_text(json.dumps(record, indent=2))
@@ -120,7 +136,8 @@ def train(names, budget, parallel=2):
 
 
 def load_run(run, *extra):
-    """(args, EMA network, its state) of a finished run, on the CPU; `extra` flags choose its sampler."""
+    """(args, EMA network, its state) of a finished run, on the CPU; `extra` flags choose its
+    sampler."""
     args = ncsn.parse_args(["--sample", str(run), "--device", "cpu", *extra])
     return (args, *ncsn.load_trained(run, args, torch.device("cpu")))
 
@@ -128,12 +145,13 @@ def load_run(run, *extra):
 def dsm_per_sigma(net, test, sigmas, args):
     """{sigma: test DSM loss at that one sigma}, with the same noise for every sigma and every run
     (ncsn.test_metrics' fixed generator)."""
-    return {float(s): ncsn.test_metrics(net, test, torch.tensor([float(s)]), args, torch.device("cpu"),
-                                        None)["test_dsm"] for s in sigmas}
+    return {float(s): ncsn.test_metrics(net, test, torch.tensor([float(s)]), args,
+                                        torch.device("cpu"), None)["test_dsm"] for s in sigmas}
 
 
 def per_sigma_losses(record, names):
-    """Each run's test DSM loss at TEST_SIGMAS (EMA weights, 500 test images, the same noise for every run)."""
+    """Each run's test DSM loss at TEST_SIGMAS (EMA weights, 500 test images, the same noise for
+    every run)."""
     test = common.load_images(DATA[1], DATA[3], "test")[:500]
     for name in names:
         if list(record[name].get("test_dsm_at_sigma", {})) != [f"{s:.3g}" for s in TEST_SIGMAS]:
@@ -149,43 +167,46 @@ def markdown_table(record, losses, names):
             + "---|" * (len(TEST_SIGMAS) + 3) + "\n")
     rows = "".join(f"| {CONFIGS[n][1]} | " + " | ".join(f"{v:.1f}" for v in losses[n])
                    + f" | {record[n]['steps']} | {record[n]['cpu_seconds']:.0f} |\n" for n in names)
-    return head + rows + "| a zero score (D/2) | " + " | ".join(["1536.0"] * len(TEST_SIGMAS)) + " | | |\n"
+    return (head + rows + "| a zero score (D/2) | " + " | ".join(["1536.0"] * len(TEST_SIGMAS))
+            + " | | |\n")
 
 
 def between_rungs(record, names=("ncsn2019", "L10", "ncsnv2-lr1e-3", "unconditional", "embed")):
-    """How well each network knows the sigmas it was not trained at: the test DSM halfway (geometric mean)
-    between two neighbouring levels of its ladder, against the geometric mean of the losses at the two levels
-    (the loss changes smoothly with sigma), over up to ten pairs spread over [0.01, 1]."""
+    """How well each network knows the sigmas it was not trained at: the test DSM halfway
+    (geometric mean) between two neighbouring levels of its ladder, against the geometric mean of
+    the losses at the two levels (the loss changes smoothly with sigma), over up to ten pairs spread
+    over [0.01, 1]."""
     test = common.load_images(DATA[1], DATA[3], "test")[:500]
-    lines = ["| run | s = | levels | loss at its levels (mean) | halfway between (mean) | halfway / expected, "
-             "mean (max) |", "|" + "---|" * 6]
+    lines = ["| run | s = | levels | loss at its levels (mean) | halfway between (mean) | "
+             "halfway / expected, mean (max) |", "|" + "---|" * 6]
     for name in [n for n in names if n in record and record[n]["run"]]:
         args, net, _ = load_run(ROOT / record[name]["run"])
         inside = ncsn.geometric_sigmas(args.sigma_max, args.sigma_min, args.num_scales)
         inside = inside[inside <= 1.0 + 1e-6]
         pick = torch.linspace(0, len(inside) - 2, min(10, len(inside) - 1)).round().long()
         upper, lower = inside[pick], inside[pick + 1]
-        at_upper, at_lower, halfway = (torch.tensor(list(dsm_per_sigma(net, test, sigmas.tolist(), args)
-                                                         .values())) for sigmas in
-                                       (upper, lower, (upper * lower).sqrt()))
+        at_upper, at_lower, halfway = (
+            torch.tensor(list(dsm_per_sigma(net, test, sigmas.tolist(), args).values()))
+            for sigmas in (upper, lower, (upper * lower).sqrt()))
         ratio = halfway / (at_upper * at_lower).sqrt()
         param = {"divide": "f(x, sigma) / sigma", "unconditional": "f(x) / sigma",
                  "embed": "f(x, sigma)"}[args.score_param]
-        lines.append(f"| {CONFIGS[name][1]} | {param} | {args.num_scales} | {at_upper.mean():.1f} | "
-                     f"{halfway.mean():.1f} | {ratio.mean():.2f} ({ratio.max():.2f}) |")
+        lines.append(f"| {CONFIGS[name][1]} | {param} | {args.num_scales} | {at_upper.mean():.1f} "
+                     f"| {halfway.mean():.1f} | {ratio.mean():.2f} ({ratio.max():.2f}) |")
         print(lines[-1], flush=True)
     return "\n".join(lines) + "\n"
 
 
 @torch.inference_mode()
 def sample_rows(record, names, n=8):
-    """Each run's samples from the same starts: the probability-flow ODE on the run's own levels (one
-    Heun step between neighbours: cheap, and the same sampler for every run), and the two presets
-    with their own annealed Langevin sampler (paper settings)."""
+    """Each run's samples from the same starts: the probability-flow ODE on the run's own levels
+    (one Heun step between neighbours: cheap, and the same sampler for every run), and the two
+    presets with their own annealed Langevin sampler (paper settings)."""
     rows = []
     for name in names:
         run = ROOT / record[name]["run"]
-        for extra in (["--sampler", "ode"], []) if name in ("ncsnv2", "ncsn2019") else (["--sampler", "ode"],):
+        for extra in ((["--sampler", "ode"], []) if name in ("ncsnv2", "ncsn2019")
+                      else (["--sampler", "ode"],)):
             args, net, stats = load_run(run, "--batch-size", str(n), *extra)
             torch.manual_seed(0)
             start = time.process_time()
@@ -205,9 +226,10 @@ def report():
     losses = per_sigma_losses(record, names)
     presets = [n for n in GROUPS["presets"] if n in names]
     ablation = ["ncsnv2-lr1e-3", *[n for n in GROUPS["ablation"] if n in names]]
-    text = ("Test DSM loss at fixed sigmas (500 JPEG-copy test images, EMA weights, the same noise for every run; "
-            "CPU-scale):\n\n" + markdown_table(record, losses, presets) + "\nAblation:\n\n"
-            + markdown_table(record, losses, ablation) + "\nBetween the levels:\n\n" + between_rungs(record))
+    text = ("Test DSM loss at fixed sigmas (500 JPEG-copy test images, EMA weights, the same noise "
+            "for every run; CPU-scale):\n\n" + markdown_table(record, losses, presets)
+            + "\nAblation:\n\n" + markdown_table(record, losses, ablation)
+            + "\nBetween the levels:\n\n" + between_rungs(record))
     (RECORD.parent / "ncsn_techniques.md").write_text(text)
     print(text)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -218,7 +240,8 @@ def report():
                 title="the two papers' settings at equal CPU time")
     base = losses["ncsnv2-lr1e-3"]
     for name in ablation[1:]:
-        axes[1].plot(TEST_SIGMAS, [v / b for v, b in zip(losses[name], base)], "o-", label=CONFIGS[name][1])
+        axes[1].plot(TEST_SIGMAS, [v / b for v, b in zip(losses[name], base)], "o-",
+                     label=CONFIGS[name][1])
     axes[1].axhline(1, color="k", lw=1)
     axes[1].set(xscale="log", yscale="log", xlabel="sigma", ylabel="test DSM / NCSNv2 at lr 1e-3",
                 title="one technique off at a time (above 1: worse)")
@@ -229,7 +252,8 @@ def report():
     fig.savefig(ROOT / "runs" / "figures" / "ncsn_techniques.png", dpi=90)
     plt.close(fig)
     common.save_rows(sample_rows(record, presets + ablation[1:]), ROOT / "runs" / "figures" /
-                     "ncsn_techniques_samples.png", title="samples from each run (values clamped to [0, 1])")
+                     "ncsn_techniques_samples.png",
+                     title="samples from each run (values clamped to [0, 1])")
 
 
 def ncsnv2_variance_ratio(eps, steps, gamma, sigma_min):
@@ -242,10 +266,10 @@ def ncsnv2_variance_ratio(eps, steps, gamma, sigma_min):
 
 
 def langevin(n=2000):
-    """Technique 4 where the answer is known: annealed Langevin with the exact score of a Gaussian with
-    CIFAR-10's spectrum (experiments.ncsn_samplers), started from a draw of p_sigma_1: the final spread
-    (before denoising) against the truth and against both predictions of ncsn.langevin_variance_ratio, for
-    the paper's (T, eps) and worse ones."""
+    """Technique 4 where the answer is known: annealed Langevin with the exact score of a Gaussian
+    with CIFAR-10's spectrum (experiments.ncsn_samplers), started from a draw of p_sigma_1: the
+    final spread (before denoising) against the truth and against both predictions of
+    ncsn.langevin_variance_ratio, for the paper's (T, eps) and worse ones."""
     from experiments.ncsn_samplers import cifar_spectrum, gaussian_problem
 
     torch.set_num_threads(1)
@@ -263,8 +287,9 @@ def langevin(n=2000):
         ("L 10 (technique 2 off), T 5, eps 6.2e-6", 50, 10, 5, 6.2e-6),
         ("NCSN 2019: sigma 1 -> 0.01, L 10, T 100, eps 2e-5", 1, 10, 100, 2e-5),
     ]
-    lines = ["| setting | NFE | std ratio predicted, NCSNv2's formula | predicted, carried over | measured, "
-             "directions below sigma_L | measured, 30 widest | KL per dim |", "|" + "---|" * 7]
+    lines = ["| setting | NFE | std ratio predicted, NCSNv2's formula | predicted, carried over | "
+             "measured, directions below sigma_L | measured, 30 widest | KL per dim |",
+             "|" + "---|" * 7]
     for what, sigma_max, levels, steps, eps in settings:
         sigmas = ncsn.geometric_sigmas(sigma_max, 0.01, levels)
         gamma = (sigmas[0] / sigmas[1]).item()
@@ -272,14 +297,17 @@ def langevin(n=2000):
         predicted = [ncsnv2_variance_ratio(eps, steps, gamma, 0.01) ** 0.5,
                      ncsn.langevin_variance_ratio(eps, steps, gamma, 0.01) ** 0.5]
         with torch.no_grad():
-            start = exact_sample() + sigma_max * torch.randn(n, 3072, generator=g)  # a draw of p_sigma_1
+            # a draw of p_sigma_1
+            start = exact_sample() + sigma_max * torch.randn(n, 3072, generator=g)
             torch.manual_seed(0)
             x = ncsn.annealed_langevin(score, start, sigmas, steps, eps, denoise=False)
         e = errors(x)
         lines.append(f"| {what} | {levels * steps:,} | {predicted[0]:.3f} | "
-                     f"{predicted[1]:.3f} | {e['spread_tight']:.3f} | {e['spread_wide']:.3f} | {e['kl_per_dim']:.4f} |"
-                     if stable else f"| {what} | {levels * steps:,} | {predicted[0]:.3f} | grows without bound | "
-                     f"{e['spread_tight']:.3f} | {e['spread_wide']:.3f} | {e['kl_per_dim']:.4f} |")
+                     f"{predicted[1]:.3f} | {e['spread_tight']:.3f} | {e['spread_wide']:.3f} | "
+                     f"{e['kl_per_dim']:.4f} |" if stable
+                     else f"| {what} | {levels * steps:,} | {predicted[0]:.3f} | "
+                     f"grows without bound | {e['spread_tight']:.3f} | {e['spread_wide']:.3f} | "
+                     f"{e['kl_per_dim']:.4f} |")
         print(lines[-1], flush=True)
     (RECORD.parent / "ncsn_technique4.md").write_text("\n".join(lines) + "\n")
 
@@ -291,7 +319,8 @@ def main(argv=None):
     t.add_argument("group", choices=GROUPS)
     t.add_argument("--budget", type=float, default=600, help="CPU seconds of one thread per run")
     t.add_argument("--parallel", type=int, default=2, help="runs at a time")
-    sub.add_parser("report", help="per-sigma test DSM tables, figure and sample grids from the runs")
+    sub.add_parser("report",
+                   help="per-sigma test DSM tables, figure and sample grids from the runs")
     sub.add_parser("langevin", help="technique 4: (T, eps) on the exact score of a Gaussian")
     args = p.parse_args(argv)
     if args.command == "train":

@@ -1,13 +1,15 @@
 """How much of the labels a VAE's code makes linearly readable: the linear probe of AASAE's paper.
 
-    python -m experiments.vae_probe runs/RUN                      # RUN/probe.json
-    python -m experiments.vae_probe runs/RUN --limit-train 4000   # (the run's flags are its defaults)
+    # RUN/probe.json
+    python -m experiments.vae_probe runs/RUN
+    # (the run's flags are its defaults)
+    python -m experiments.vae_probe runs/RUN --limit-train 4000
 
 Freeze the encoder (the run's EMA weights), take the posterior means E_q[z|x] of the training images
-as features, standardise them and fit a multinomial logistic regression (common.linear_probe: full-
-batch L-BFGS to a stated tolerance, the L2 strength picked on the last tenth of the training set);
-report top-1 on the test images. The same protocol runs on two baselines: the same encoder at its
-random initialisation (the run's own initial weights) and raw pixels, so the table shows what
+as features, standardise them and fit a multinomial logistic regression (measures.linear_probe:
+full-batch L-BFGS to a stated tolerance, the L2 strength picked on the last tenth of the training
+set); report top-1 on the test images. The same protocol runs on two baselines: the same encoder at
+its random initialisation (the run's own initial weights) and raw pixels, so the table shows what
 training added. This is the only place where labels are read (class folders, or CIFAR-10's targets):
 no model sees one in training.
 """
@@ -24,6 +26,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import vae  # noqa: E402
+from experiments import measures  # noqa: E402
 
 
 @torch.inference_mode()
@@ -43,21 +46,24 @@ def probe(argv):
     device, _, _ = vae.setup_device(args)
     dtype, start = vae.amp_dtype(args, device), time.perf_counter()
     splits = [common.load_split(args.data, args.data_root, split) for split in ("train", "test")]
-    (train_x, train_y), (test_x, test_y) = ((d["images"][:limit], d["labels"][:limit].to(device))
-                                            for d, limit in zip(splits, (args.limit_train, args.limit_test)))
+    (train_x, train_y), (test_x, test_y) = (
+        (d["images"][:limit], d["labels"][:limit].to(device))
+        for d, limit in zip(splits, (args.limit_train, args.limit_test)))
     classes = splits[0]["classes"]
     if len(classes) < 2 or (train_y < 0).any() or (test_y < 0).any():
-        raise common.UserError(f"the probe needs labels: --data {args.data} must hold train/<class>/ and "
-                               "test/<class>/ folders (two classes at least)")
+        raise common.UserError(f"the probe needs labels: --data {args.data} must hold "
+                               "train/<class>/ and test/<class>/ folders (two classes at least)")
     trained, _ = vae.load_trained(args.sample, args, device)
     torch.manual_seed(args.seed)  # as train() seeds it: the run's own initial weights
     untrained = vae.build(args, device)[0].eval()
     encoders = {"trained_encoder": lambda x: posterior_means(trained, x, args, device, dtype),
                 "random_encoder": lambda x: posterior_means(untrained, x, args, device, dtype),
                 "raw_pixels": lambda x: x.flatten(1).to(device).float() / 127.5 - 1}
-    result = {"n_train": len(train_x), "n_test": len(test_x), "classes": classes, "chance": 1 / len(classes)}
+    result = {"n_train": len(train_x), "n_test": len(test_x), "classes": classes,
+              "chance": 1 / len(classes)}
     for name, features in encoders.items():
-        result[name] = common.linear_probe(features(train_x), train_y, features(test_x), test_y, len(classes))
+        result[name] = measures.linear_probe(features(train_x), train_y, features(test_x), test_y,
+                                           len(classes))
         print(f"{name:16} top-1 {100 * result[name]['top1']:.2f}% (l2 {result[name]['l2']:g}; "
               f"{result[name]['evaluations']} L-BFGS evaluations, largest gradient entry "
               f"{result[name]['grad_max']:.1e})")
@@ -68,6 +74,8 @@ def probe(argv):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        sys.exit("usage: python experiments/vae_probe.py RUN [vae.py flags]")
     try:
         probe(sys.argv[1:])
     except common.UserError as e:

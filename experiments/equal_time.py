@@ -1,0 +1,141 @@
+"""The three models side by side after the same CPU time: experiments/README.md's "Side by side".
+
+    OMP_NUM_THREADS=1 python -m experiments.equal_time train --budget 1200   # 2 runs at a time
+    OMP_NUM_THREADS=1 python -m experiments.equal_time likelihood            # test bits/dim
+    python experiments/compare.py runs/ncsn__equal-time__* runs/vae__equal-time__* \\
+        runs/ebm__equal-time__*                                               # the table and figure
+
+Each model trains at its laptop size on the JPEG copy of CIFAR-10 (the environment variable JPEG,
+or ../shared/data/cifar10-jpeg) for about --budget CPU seconds of one thread: `train` measures each
+model's CPU seconds per training step in this process (its own build and train_step, as
+experiments/bench.py does), gives it the whole epochs that fill the budget, runs the three scripts
+(OMP_NUM_THREADS=1) and records the CPU seconds each really used (its rusage: evaluation and
+previews included) in experiments/results/equal_time.json. `likelihood` runs
+experiments/likelihood.py on each run (the same 100 test images for all three) and records its
+CPU seconds too. NCSN uses the laptop recipe of experiments/ncsn_laptop.py.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from experiments import bench  # noqa: E402
+
+RECORD = ROOT / "experiments" / "results" / "equal_time.json"
+JPEG = os.environ.get("JPEG", str(ROOT.parent / "shared" / "data" / "cifar10-jpeg"))
+DATA = ["--data", JPEG, "--data-root", str(ROOT / "data"), "--device", "cpu", "--limit-test", "500",
+        "--name", "equal-time"]
+CONFIGS = {  # model -> (flags, training images)
+    "ncsn": (["--width", "32", "--channel-mult", "1,2,2", "--num-res-blocks", "1", "--batch-size",
+              "64", "--lr", "1e-3", "--ema", "0.99", "--sigma-max", "5", "--num-scales", "100",
+              "--log-every", "20"], 6400),
+    "vae": (["--width", "16", "--blocks", "1", "--latent-channels", "16", "--batch-size", "32",
+             "--lr", "1e-3", "--warmup-steps", "20", "--kl-warmup", "1", "--log-every", "20"],
+            8000),
+    "ebm": (["--width", "16", "--sgld-steps", "20", "--batch-size", "64", "--lr", "1e-3",
+             "--log-every", "20"], 6400),
+}
+LIKELIHOOD = {"ncsn": [], "vae": ["--iw-samples", "1000"],
+              "ebm": ["--ais-steps", "1000", "--chains", "100"]}
+
+
+def cpu_seconds_per_step(model, steps=3):
+    """Process CPU seconds of one training step, on random images of the run's batch size."""
+    flags, _ = CONFIGS[model]
+    module = bench.MODELS[model]
+    args = module.parse_args([*DATA, *flags])
+    args.memory_format = None  # bench.steps' A/B switch: the model file's own layout
+    torch.manual_seed(0)
+    train_step, _, _, _ = bench.steps(model, module, args, torch.device("cpu"), None)
+    train_step()  # warm-up
+    start = time.process_time()
+    for _ in range(steps):
+        train_step()
+    return (time.process_time() - start) / steps, args.batch_size
+
+
+def launch(model, cmd):
+    return subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def shown(cmd):
+    return ("OMP_NUM_THREADS=1 python " + " ".join(map(str, cmd))).replace(JPEG, "$JPEG") \
+        .replace(str(ROOT) + "/", "")
+
+
+def train(budget, parallel):
+    torch.set_num_threads(1)
+    record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    jobs = []
+    for model, (flags, images) in CONFIGS.items():
+        per_step, batch = cpu_seconds_per_step(model)
+        epochs = max(1, round(budget / (per_step * (images // batch))))
+        cmd = [f"{model}.py", *DATA, *flags, "--limit-train", str(images), "--epochs", str(epochs)]
+        jobs.append((model, cmd, per_step, epochs))
+    running = []
+    for model, cmd, per_step, epochs in jobs:
+        while len(running) >= parallel:
+            pid, status, usage = os.wait4(-1, 0)  # the child's own CPU seconds
+            done(record, running, pid, status, usage)
+        before = set((ROOT / "runs").glob(f"{model}__equal-time__*"))
+        running.append((launch(model, cmd), model, cmd, per_step, epochs, before, time.time()))
+    while running:
+        pid, status, usage = os.wait4(-1, 0)
+        done(record, running, pid, status, usage)
+
+
+def done(record, running, pid, status, usage):
+    job = next(j for j in running if j[0].pid == pid)
+    running.remove(job)
+    _, model, cmd, per_step, epochs, before, start = job
+    run = sorted(set((ROOT / "runs").glob(f"{model}__equal-time__*")) - before)
+    record[model] = {"run": str(run[-1].relative_to(ROOT)) if run else None, "exit_status": status,
+                     "epochs": epochs, "cpu_seconds_per_step": per_step,
+                     "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                     "wall_seconds": time.time() - start, "command": shown(cmd)}
+    RECORD.parent.mkdir(parents=True, exist_ok=True)
+    RECORD.write_text(json.dumps(record, indent=2))
+    print(f"{model}: {epochs} epochs, {record[model]['cpu_seconds']:.0f} CPU s, exit {status}",
+          flush=True)
+
+
+def likelihood():
+    record = json.loads(RECORD.read_text())
+    for model in CONFIGS:
+        cmd = ["-m", "experiments.likelihood", model, record[model]["run"], "--n", "100",
+               "--device", "cpu", *LIKELIHOOD[model]]
+        proc = launch(model, cmd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        row = json.loads((ROOT / record[model]["run"] / "likelihood.json").read_text())
+        record[model]["likelihood"] = {**row, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                                       "exit_status": status, "command": shown(cmd)}
+        RECORD.write_text(json.dumps(record, indent=2))
+        print(f"{model}: {row['bits_per_dim']:.3f} bits/dim ({row['method']})", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the three models for the same CPU time")
+    t.add_argument("--budget", type=float, default=1200, help="CPU seconds of one thread per run")
+    t.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    sub.add_parser("likelihood", help="test bits/dim of each run (experiments/likelihood.py)")
+    args = p.parse_args(argv)
+    if args.command == "train":
+        train(args.budget, args.parallel)
+    else:
+        likelihood()
+
+
+if __name__ == "__main__":
+    main()
