@@ -2,7 +2,7 @@
 models see the same data and are measured the same way. How a model is trained, checkpointed and
 resumed lives in that model's file.
 
-    python common.py explore --data ../shared/data/cifar10-jpeg   # figures and numbers of the data
+    python common.py explore --data PATH   # figures and numbers of the data
 """
 
 import argparse

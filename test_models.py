@@ -31,7 +31,7 @@ import vae
 from experiments import ebm_chains, ebm_toy, likelihood, measures, ncsn_inpaint, toys
 
 ROOT = Path(__file__).resolve().parent
-REAL_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+REAL_DATA = Path(os.environ.get("JPEG", ROOT / "data" / "cifar10-jpeg"))  # a folder copy
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 MODELS = {"ncsn": ncsn, "vae": vae, "ebm": ebm}
 # each script at a size that trains an epoch of 64 images in about a second on one CPU thread

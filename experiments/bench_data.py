@@ -1,6 +1,6 @@
 """One epoch of common.py's DeviceLoader against a torchvision DataLoader over the same images.
 
-    python experiments/bench_data.py --data ../shared/data/cifar10-jpeg
+    python experiments/bench_data.py --data PATH
 
 The DeviceLoader keeps the decoded uint8 images in one tensor (on the GPU in training) and cuts
 batches from a permutation with flips: no workers, no PIL. The DataLoader decodes the files with PIL

@@ -6,7 +6,7 @@
         runs/ebm__equal-time__*                                               # the table and figure
 
 Each model trains at its laptop size on the JPEG copy of CIFAR-10 (the environment variable JPEG,
-or ../shared/data/cifar10-jpeg) for about --budget CPU seconds of one thread: `train` measures each
+or the real CIFAR-10) for about --budget CPU seconds of one thread: `train` measures each
 model's CPU seconds per training step in this process (its own build and train_step, as
 experiments/bench.py does), gives it the whole epochs that fill the budget, runs the three scripts
 (OMP_NUM_THREADS=1) and records the CPU seconds each really used (its rusage: evaluation and
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from experiments import bench  # noqa: E402
 
 RECORD = ROOT / "experiments" / "results" / "equal_time.json"
-JPEG = os.environ.get("JPEG", str(ROOT.parent / "shared" / "data" / "cifar10-jpeg"))
+JPEG = os.environ.get("JPEG", "cifar10")  # an image-folder copy, or the real CIFAR-10
 DATA = ["--data", JPEG, "--data-root", str(ROOT / "data"), "--device", "cpu", "--limit-test", "500",
         "--name", "equal-time"]
 CONFIGS = {  # model -> (flags, training images)

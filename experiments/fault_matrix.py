@@ -116,6 +116,29 @@ def seconds_to_finish(model, base, out, torchrun=False):
     return time.perf_counter() - start
 
 
+def process_tree(pid):
+    """pid and every process below it, from the parent ids in /proc (Linux)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def saved_epoch(run):
+    try:
+        return torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]
+    except Exception:  # absent or cut short by the kill: the resume below must cope
+        return None
+
+
 def kill_and_resume(model, base, out, name, when, torchrun=False, seconds=10.0):
     """Train, kill -9 at `when` ('save', or 'random': a moment in the first 30-95% of `seconds`),
     resume to 3 epochs; the check's (ok, why), or None when the run ended before the kill."""
@@ -135,9 +158,15 @@ def kill_and_resume(model, base, out, name, when, torchrun=False, seconds=10.0):
         time.sleep(random.uniform(0.3, 0.95) * seconds)
     if proc.poll() is not None:
         return None
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: torchrun's workers too
+    for pid in process_tree(proc.pid):  # torchrun's workers too: they have sessions of their own
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
     folders = list(runs.glob(f"{model}__*")) if runs.exists() else []
+    if folders and saved_epoch(folders[0]) == 3:  # killed after its last save, while exiting
+        return check(folders[0])
     if folders and (folders[0] / "checkpoint.pt").exists():
         again = command(model, "--resume", folders[0], "--epochs", 3, torchrun=torchrun)
     else:  # killed before its first checkpoint: nothing to resume, so it starts again

@@ -1,7 +1,7 @@
 """Test bits/dim for the three families on one axis: NCSN by its probability-flow ODE, the EBM by
 annealed importance sampling (AIS), the VAE by its importance-weighted bound. Known answers first.
 
-    OMP_NUM_THREADS=1 python -m experiments.likelihood known   # closed forms, quadrature (11 min)
+    OMP_NUM_THREADS=1 python -m experiments.likelihood known   # closed forms, quadrature (3 min)
     python -m experiments.likelihood ncsn runs/RUN --n 100      # writes RUN/likelihood.json
     python -m experiments.likelihood ebm runs/RUN --n 100 --ais-steps 1000 --chains 100
     python -m experiments.likelihood vae runs/RUN --n 100 --iw-samples 1000

@@ -35,7 +35,7 @@ import common  # noqa: E402
 import ncsn  # noqa: E402
 
 RECORD = ROOT / "experiments" / "results" / "ncsn_laptop.json"
-JPEG = os.environ.get("JPEG", str(ROOT.parent / "shared" / "data" / "cifar10-jpeg"))
+JPEG = os.environ.get("JPEG", "cifar10")  # an image-folder copy, or the real CIFAR-10
 SMALL = ["--data", JPEG, "--data-root", str(ROOT / "data"), "--width", "32",
          "--channel-mult", "1,2,2", "--num-res-blocks", "1", "--batch-size", "64",
          "--limit-train", "6400", "--limit-test", "500", "--log-every", "20", "--device", "cpu"]

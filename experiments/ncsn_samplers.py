@@ -132,13 +132,13 @@ def predictor_corrector(score_net, x, sigmas, snr=0.16, denoise=True):
     return ncsn.finish(score_net, x, sigmas[-1], denoise)
 
 
-def settings(sampler, sigma_max, nfe=None):
-    """(sampler, sigmas, steps, eps, network evaluations) as ncsn.py picks them for a budget,
-    without the final denoising step; pc: (nfe + 1) / 2 levels spaced as ncsn.py spaces the
-    ODE's."""
+def settings(sampler, sigma_max, nfe=None, num_scales=232):
+    """(sampler, sigmas, steps, eps, network evaluations) as ncsn.py picks them for a budget
+    (without one: the run's own L levels), without the final denoising step; pc: (nfe + 1) / 2
+    levels spaced as ncsn.py spaces the ODE's."""
     pick = [] if nfe is None or sampler == "pc" else ["--nfe", str(nfe)]
     args = ncsn.parse_args(["--sampler", "ald" if sampler == "ald" else "ode", "--sigma-max",
-                            str(sigma_max), "--no-denoise", *pick])
+                            str(sigma_max), "--num-scales", str(num_scales), "--no-denoise", *pick])
     sigmas, steps, eps = ncsn.sampler_levels(args)
     if sampler == "pc" and nfe is not None:
         sigmas = ncsn.geometric_sigmas(sigma_max, args.sigma_min, (nfe + 1) // 2)
@@ -221,9 +221,9 @@ def demo(run, n=16):
     torch.set_num_threads(1)
     rows, images, cpu = [], [], torch.device("cpu")
     net, stats = ncsn.load_trained(run, ncsn.parse_args(["--sample", run, "--device", "cpu"]), cpu)
-    for sampler, nfe in (("ald", None), ("ald", 232), ("pc", 232), ("ode", 232), ("ode", 58)):
+    for sampler, nfe in (("ald", None), ("ald", 100), ("pc", 100), ("ode", 100), ("ode", 30)):
         args = ncsn.parse_args(["--sample", run, "--device", "cpu", "--batch-size", str(n)])
-        _, sigmas, steps, eps, cost = settings(sampler, args.sigma_max, nfe)
+        _, sigmas, steps, eps, cost = settings(sampler, args.sigma_max, nfe, args.num_scales)
         torch.manual_seed(0)
         start = time.process_time()
         x = ncsn.gaussian_start(stats, sigmas[0].item(), cpu)(n)
@@ -246,7 +246,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=10_000,
                    help="samples for the mixture (the gaussian uses n / 5)")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg"))
+    p.add_argument("--data", default="cifar10", help="CIFAR-10, or a folder copy of it")
     p.add_argument("--data-root", default=str(ROOT / "data"))
     p.add_argument("--run",
                    help="only the demo: the samplers on this trained run (CPU seconds per sample)")

@@ -21,7 +21,7 @@ same *process CPU seconds* of one thread. `train` first measures each configurat
 per training step (time.process_time, the configurations interleaved in one process), gives each the
 number of epochs that fills --budget seconds, and records the CPU seconds each run really used
 (its rusage) in experiments/results/ncsn_techniques.json. All numbers are CPU-scale, on the JPEG
-copy of CIFAR-10 (the environment variable JPEG, or ../shared/data/cifar10-jpeg).
+copy of CIFAR-10 (the environment variable JPEG, or the real CIFAR-10).
 """
 
 import argparse
@@ -40,7 +40,7 @@ import ncsn
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = ROOT / "experiments" / "results" / "ncsn_techniques.json"
-DATA = ["--data", os.environ.get("JPEG", str(ROOT.parent / "shared" / "data" / "cifar10-jpeg")),
+DATA = ["--data", os.environ.get("JPEG", "cifar10"),
         "--data-root", str(ROOT / "data")]  # the JPEG copy of CIFAR-10 ($JPEG, if set)
 SMALL = ["--width", "32", "--channel-mult", "1,2,2", "--num-res-blocks", "1", "--batch-size", "64",
          "--limit-train", "6400", "--limit-test", "500", "--log-every", "20", "--device", "cpu"]
@@ -319,12 +319,16 @@ def main(argv=None):
     t.add_argument("group", choices=GROUPS)
     t.add_argument("--budget", type=float, default=600, help="CPU seconds of one thread per run")
     t.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    t.add_argument("--only", help="comma-separated configurations of the group (default: all)")
     sub.add_parser("report",
                    help="per-sigma test DSM tables, figure and sample grids from the runs")
     sub.add_parser("langevin", help="technique 4: (T, eps) on the exact score of a Gaussian")
     args = p.parse_args(argv)
     if args.command == "train":
-        train(GROUPS[args.group], args.budget, args.parallel)
+        names = args.only.split(",") if args.only else GROUPS[args.group]
+        if not set(names) <= set(GROUPS[args.group]):
+            p.error(f"--only: choose from {', '.join(GROUPS[args.group])}")
+        train(names, args.budget, args.parallel)
     elif args.command == "report":
         report()
     else:
