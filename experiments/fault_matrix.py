@@ -16,14 +16,14 @@ rename), and once as a two-process torchrun. After each kill the run is resumed 
 if the kill came before its first checkpoint) to 3 epochs, and checked: a loadable checkpoint of
 epoch 3, each epoch's row once in metrics.jsonl, steps in order, no .tmp left.
 
-Bad inputs: flags out of range (0, negative, nan, text), an absent --device cuda, unknown flags,
---name that is a path; --data missing, a file, empty, or only unreadable images; --data-root and
---run-dir that are files; --resume of a finished run, of a missing folder, of a folder that is not a
-run; a network of another width; broken run folders (truncated, random, empty, pickled-code,
-foreign, incomplete or non-dict checkpoints; no or damaged config.json) for --sample and --resume; a
-second process writing a run that is being written. Each must exit non-zero with one line on stderr,
-no traceback, and leave the run folder byte for byte as it was. Writes OUT/fault_matrix.json and
-prints the table.
+Bad inputs: flags out of range (0 where 0 is not "off", an EMA decay of 1.5, negative, nan, text),
+an absent --device cuda, unknown flags, --name that is a path; --data missing, a file, empty, or
+only unreadable images; --data-root and --run-dir that are files; --resume of a finished run, of a
+missing folder, of a folder that is not a run; a network of another width; broken run folders
+(truncated, random, empty, pickled-code, foreign, incomplete or non-dict checkpoints; no or damaged
+config.json) for --sample and --resume (a second writer of a run folder is tested in
+test_models.py). Each must exit non-zero with one line on stderr, no traceback, and leave the run
+folder byte for byte as it was. Writes OUT/fault_matrix.json and prints the table.
 """
 
 import argparse
@@ -200,11 +200,12 @@ def bad_inputs(model, base, out):
     (out / "empty_dir").mkdir(exist_ok=True)
     (out / "junk" / "train").mkdir(parents=True, exist_ok=True)
     (out / "junk" / "train" / "0.png").write_bytes(b"not a png")
-    fresh = [*base, "--run-dir", out / "fresh", *TINY[model], "--epochs", 1]
+    fresh = [*base, "--run-dir", out / "fresh" / model, *TINY[model], "--epochs", 1]
+    off_at_zero = {"--ema": ("1.5",), "--grad-clip": ()}  # 0 is valid for these: off
     cases = [[*fresh, flag, value] for flag in ("--epochs", "--batch-size", "--lr", "--ema",
                                                 "--limit-train", "--log-every", "--grad-clip",
                                                 "--max-bad-steps")
-             for value in ("0", "-1", "nan", "abc")]
+             for value in (*off_at_zero.get(flag, ("0",)), "-1", "nan", "abc")]
     cases += [[*fresh, "--device", "cuda"] if not torch.cuda.is_available()
               else [*fresh, "--device", "tpu"],
               [*fresh, "--no-such-flag"], [*fresh, "--name", "a/b"], [*fresh, "--name", "../../x"],
@@ -224,7 +225,7 @@ def bad_inputs(model, base, out):
         if proc.returncode == 0 or len(lines) != 1 or "Traceback" in proc.stderr:
             failed.append(" ".join(map(str, case[-3:]))
                           + f" -> exit {proc.returncode}: {lines[-1:]}")
-    untouched = digest(run) == before and not (out / "fresh").exists()
+    untouched = digest(run) == before and not (out / "fresh" / model).exists()
     return len(cases) - len(failed) if untouched else 0, len(cases), failed
 
 
