@@ -306,7 +306,7 @@ def _save_figure(fig, path, title=None, dpi=100):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")  # row labels outside the axes included
     pyplot().close(fig)
 
 
