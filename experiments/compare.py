@@ -101,7 +101,7 @@ def compare(run_dirs, out_dir="runs"):
         ax.set_title(row["run"].replace("__", "\n", 1), fontsize=8)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out_dir / "compare.png", dpi=100)
+    fig.savefig(out_dir / "compare.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     print("\n".join(lines) + f"\nwrote {out_dir}/compare.md and {out_dir}/compare.png")
     return rows
