@@ -6,7 +6,7 @@ untouched.
     OMP_NUM_THREADS=1 python -m experiments.fault_matrix --out runs/fault_matrix \
         --record experiments/results/fault_matrix.json
     # a quick look
-    OMP_NUM_THREADS=1 python -m experiments.fault_matrix --out /tmp/fm --kills 1
+    OMP_NUM_THREADS=1 python -m experiments.fault_matrix --out runs/fault_matrix_quick --kills 1
 
 Kills: for each model, a tiny run (width 8, 64 images written here, 3 epochs) is `kill -9`ed --kills
 times at a random moment (30-95% of the time an uninterrupted run takes, measured first; a run that
