@@ -2,7 +2,7 @@
 chains buy" in experiments/README.md and its figure runs/figures/ebm_chains.png.
 
     OMP_NUM_THREADS=1 python -m experiments.ebm_chains              # 2 toys x 4 schemes x 3 seeds
-    OMP_NUM_THREADS=1 python -m experiments.ebm_chains --iterations 30 --seeds 1 --out runs/ebm_chains_quick
+    OMP_NUM_THREADS=1 python -m experiments.ebm_chains --iterations 30 --seeds 1 --out runs/chains_q
 
 Every scheme trains experiments/ebm_toy.py's toy (`train_toy`: the same MLP energy, loss, Adam
 and Langevin sampler at temperature 1, step eps / 2 and noise sqrt(eps), eps = 0.005) for the same
