@@ -489,6 +489,7 @@ def check_model_args(args, error):
         error(f"--max-rollbacks must be >= 0 (got {args.max_rollbacks}) and --buffer-size at least "
               f"--batch-size (got {args.buffer_size})")
 
+
 # ----------------------------------------------------------------------------------------------
 # The run: arguments, device and precision, run folder and log, checkpoint and resume. The same
 # text in vae.py, ebm.py and ncsn.py: `diff` two of them and this part shows nothing.
