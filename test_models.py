@@ -28,7 +28,7 @@ import common
 import ebm
 import ncsn
 import vae
-from experiments import ebm_chains, ebm_toy, likelihood, measures, ncsn_inpaint, toys
+from experiments import aasae, ebm_chains, ebm_toy, likelihood, measures, ncsn_inpaint, toys
 
 ROOT = Path(__file__).resolve().parent
 REAL_DATA = Path(os.environ.get("JPEG", ROOT / "data" / "cifar10-jpeg"))  # a folder copy
@@ -1559,10 +1559,10 @@ def test_vae_kl_weight_zero_leaves_no_kl_gradient_and_warm_up_scales_to_the_kl_w
     gradient is the reconstruction term's alone. Bugs it catches: a warm-up that ramps to 1 whatever
     --kl-weight says, free bits adding a KL term at beta = 0, and 0 * KL turning into NaN once an
     unpenalised KL overflows."""
-    args = vae.parse_args(["--preset", "aasae"])
-    assert (args.kl_weight, args.augment, args.kl_warmup, args.free_bits) == (0.0, True, 0.0, 0.0)
+    args = vae.parse_args(aasae.AASAE)
+    assert (args.kl_weight, args.kl_warmup, args.free_bits) == (0.0, 0.0, 0.0)
     assert all(vae.schedule(step, 10, args)[1] == 0 for step in range(50))
-    args = vae.parse_args(["--preset", "aasae", "--kl-warmup", "2", "--free-bits", "0.5"])
+    args = vae.parse_args([*aasae.AASAE, "--kl-warmup", "2", "--free-bits", "0.5"])
     # even with warm-up and free bits
     assert all(vae.schedule(step, 10, args)[1] == 0 for step in range(50))
     for weight in (1.0, 0.25):
@@ -1579,17 +1579,17 @@ def test_vae_kl_weight_zero_leaves_no_kl_gradient_and_warm_up_scales_to_the_kl_w
     assert loss.item() == pytest.approx(2500 / 3072) and (kl.grad is None or not kl.grad.any())
     # one real training step at beta = 0: its gradient is that of the reconstruction term alone
     args = vae.parse_args(["--width", "8", "--blocks", "1", "--latent-channels", "4",
-                           "--mixtures", "2", "--preset", "aasae", "--free-bits", "0.5"])
+                           "--mixtures", "2", *aasae.AASAE, "--free-bits", "0.5"])
     torch.manual_seed(0)
     net, _, optimizer, scaler = vae.build(args, torch.device("cpu"))
     x = torch.rand(4, 3, 32, 32)
     torch.manual_seed(1)
-    vae.train_step(net, net, optimizer, scaler, x, 0.0, args, vae_state(), None)
+    vae.train_step(net, net, optimizer, scaler, x, 0.0, args, vae_state(), None, aasae.simclr_view)
     ours = [p.grad.clone() for p in net.parameters()]
     torch.manual_seed(0)
     net, *_ = vae.build(args, torch.device("cpu"))
     torch.manual_seed(1)  # the same view and the same eps
-    view = vae.augment(x) * 2 - 1
+    view = aasae.simclr_view(x) * 2 - 1
     log_px_z, _ = net(x * 2 - 1, view)
     (-log_px_z.mean() / 3072).backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
@@ -1673,7 +1673,7 @@ def test_vae_aasae_encoder_sees_the_view_and_the_likelihood_scores_the_original(
     """Eq. (6): q(z|t(x)) and p(x|z). Bugs it catches: the encoder given x instead of the view
     (the step would silently train a plain autoencoder), the likelihood scored on the view."""
     args = vae.parse_args(["--width", "8", "--blocks", "1", "--latent-channels", "4",
-                           "--mixtures", "2", "--preset", "aasae"])
+                           "--mixtures", "2", *aasae.AASAE])
     net, _, optimizer, scaler = vae.build(args, torch.device("cpu"))
     seen = {}
 
@@ -1688,13 +1688,13 @@ def test_vae_aasae_encoder_sees_the_view_and_the_likelihood_scores_the_original(
                         spy("scored", vae.discretized_logistic_mixture_logp))
     x = torch.rand(4, 3, 32, 32)
     torch.manual_seed(0)
-    vae.train_step(net, net, optimizer, scaler, x, 0.0, args, vae_state(), None)
+    vae.train_step(net, net, optimizer, scaler, x, 0.0, args, vae_state(), None, aasae.simclr_view)
     torch.manual_seed(0)
-    assert (torch.equal(seen["encoder"], vae.augment(x) * 2 - 1)
+    assert (torch.equal(seen["encoder"], aasae.simclr_view(x) * 2 - 1)
             and torch.equal(seen["scored"], x * 2 - 1))
 
 
-def test_vae_augmentations_keep_shape_range_and_device_and_match_torchvision(monkeypatch):
+def test_aasae_views_keep_shape_range_and_device_and_match_torchvision(monkeypatch):
     """The batched views equal torchvision's per-image functions (the AASAE code applies those
     through PIL). Bugs it catches: contrast blended with each channel's own mean (torchvision uses
     the grayscale mean), the hue formula off by a sector, a crop box outside [-1, 1], a flip that
@@ -1707,7 +1707,7 @@ def test_vae_augmentations_keep_shape_range_and_device_and_match_torchvision(mon
     x[0] = x[0, :1]  # a grey image: no hue
     brightness, contrast, saturation = (0.4 + 1.2 * torch.rand(6, generator=g) for _ in range(3))
     hue = 0.5 * (2 * torch.rand(6, generator=g) - 1)
-    ours = vae.colour_jitter(x, brightness, contrast, saturation, hue)
+    ours = aasae.colour_jitter(x, brightness, contrast, saturation, hue)
     theirs = torch.stack([
         TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
             x[i], brightness[i].item()), contrast[i].item()), saturation[i].item()), hue[i].item())
@@ -1715,27 +1715,27 @@ def test_vae_augmentations_keep_shape_range_and_device_and_match_torchvision(mon
     assert torch.allclose(ours, theirs, atol=1e-5)
     one, zero = torch.ones(6), torch.zeros(6)
     # the whole image
-    assert torch.allclose(vae.resized_crop(x, one, one, zero, zero, one), x, atol=1e-6)
-    assert torch.allclose(vae.resized_crop(x, one, one, zero, zero, -one), x.flip(3), atol=1e-6)
+    assert torch.allclose(aasae.resized_crop(x, one, one, zero, zero, one), x, atol=1e-6)
+    assert torch.allclose(aasae.resized_crop(x, one, one, zero, zero, -one), x.flip(3), atol=1e-6)
     # the top-right quarter, 2x
-    quarter = vae.resized_crop(x, one / 2, one / 2, zero + 0.5, zero - 0.5, one)
+    quarter = aasae.resized_crop(x, one / 2, one / 2, zero + 0.5, zero - 0.5, one)
     resized = F.interpolate(x[..., :16, 16:], size=32, mode="bilinear", align_corners=False)
     # (borders: see below)
     assert torch.allclose(quarter[..., 1:-1, 1:-1], resized[..., 1:-1, 1:-1], atol=1e-5)
     torch.manual_seed(0)
-    views = vae.augment(x.repeat(50, 1, 1, 1))
+    views = aasae.simclr_view(x.repeat(50, 1, 1, 1))
     assert views.shape == (300, 3, 32, 32) and views.dtype == torch.float32
     assert views.min() >= 0 and views.max() <= 1 and not torch.equal(views, x.repeat(50, 1, 1, 1))
     gray = ((views[:, 0] == views[:, 1]).flatten(1).all(1)
             & (views[:, 1] == views[:, 2]).flatten(1).all(1))
     # p = 0.2 (image 0 of each copy is grey already)
     assert 0.1 < gray.view(50, 6)[:, 1:].float().mean() < 0.3
-    meta = vae.augment(torch.empty(4, 3, 32, 32, device="meta"))
+    meta = aasae.simclr_view(torch.empty(4, 3, 32, 32, device="meta"))
     assert meta.device.type == "meta" and meta.shape == (4, 3, 32, 32)
-    # the crop boxes augment draws: inside the image, RandomResizedCrop's area and aspect ratio
+    # the crop boxes simclr_view draws: inside the image, RandomResizedCrop's area and aspect ratio
     boxes = []
-    monkeypatch.setattr(vae, "resized_crop", lambda x, *box: boxes.append(box) or x)
-    vae.augment(torch.rand(4000, 3, 32, 32))
+    monkeypatch.setattr(aasae, "resized_crop", lambda x, *box: boxes.append(box) or x)
+    aasae.simclr_view(torch.rand(4000, 3, 32, 32))
     width, height, centre_x, centre_y, flip = boxes[0]
     assert ((centre_x.abs() + width <= 1 + 1e-6) & (centre_y.abs() + height <= 1 + 1e-6)).all()
     assert (width * height >= 0.08 - 1e-6).all() and (width * height <= 1 + 1e-6).all()
@@ -1747,16 +1747,16 @@ def test_vae_augmentations_keep_shape_range_and_device_and_match_torchvision(mon
             and abs((flip == -1).float().mean() - 0.5) < 0.05)
 
 
-def test_vae_aasae_preset_trains_resumes_evaluates_and_probes_without_claiming_bits_per_dim(
+def test_aasae_trains_resumes_evaluates_and_probes_without_claiming_bits_per_dim(
         tiny_images, tmp_path, capsys):  # noqa: F811
-    """--preset aasae end to end: exact resume with the random views, no bits/dim anywhere
-    (train log, test rows, summary, eval) but a stated reason, the probe's three rows, and a clear
-    error without labels."""
-    full = vae.main(train_args("vae", tiny_images, tmp_path / "a", "--preset", "aasae",
-                               "--epochs", 2))
-    half = vae.main(train_args("vae", tiny_images, tmp_path / "b", "--preset", "aasae",
-                               "--epochs", 1))
-    vae.main(["--resume", str(half), "--epochs", "2"])
+    """experiments/aasae.py end to end: exact resume with the random views (and vae.py refusing to
+    resume it without them), no bits/dim anywhere (train log, test rows, summary, eval) but a stated
+    reason, the probe's three rows, and a clear error without labels."""
+    full = aasae.main(train_args("vae", tiny_images, tmp_path / "a", "--epochs", 2))
+    half = aasae.main(train_args("vae", tiny_images, tmp_path / "b", "--epochs", 1))
+    with pytest.raises(common.UserError, match="an AASAE run: resume it with experiments/aasae"):
+        vae.main(["--resume", str(half), "--epochs", "2"])
+    aasae.main(["--resume", str(half), "--epochs", "2"])
     assert checkpoints_equal(*(torch.load(r / "checkpoint.pt", weights_only=True)
                                for r in (full, half)))
     rows = common.read_metrics(full)

@@ -3,7 +3,7 @@
     python vae.py --epochs 200                      # the headline run, one GPU
     python vae.py --eval runs/RUN                   # ELBO and IWAE bits/dim, then FID / IS / KID
     python vae.py --sample runs/RUN --n 64          # new images (--temperature 0.7: smoother)
-    python vae.py --preset aasae                    # AASAE: no KL, augmented encoder input (Eq. 6)
+    python -m experiments.aasae --epochs 200        # AASAE: no KL, augmented encoder input (Eq. 6)
     python experiments/vae_interpolate.py runs/RUN  # walks in latent space between test images
     torchrun --standalone --nproc_per_node=8 vae.py --epochs 200
 
@@ -41,16 +41,15 @@ its batch-average KL is below lambda:
 
 AASAE (Falcon et al. 2021, https://arxiv.org/abs/2107.12329) makes the same network a
 representation learner: weight the KL by beta (--kl-weight; 1 is the VAE) and give the encoder a
-random view t(x) (crop, flip, colour jitter, grayscale: SimCLR's), while the decoder scores x:
+random view t(x) (crops, flips, colour changes: experiments/aasae.py) while the decoder scores x:
 
     L_beta = E_t E_q(z|t(x)) [log p(x|z)] - beta KL(q(z|t(x)) || p(z))                         (6)
 
-At beta = 0 (--preset aasae), to rebuild x from any view the code must keep what survives a crop
-and a colour change, roughly what a class is (experiments/vae_probe.py measures it). Eq. (1) holds
-for every q, so q(z|t(x)) still bounds log p(x); but a run with beta != 1 did not minimise the
-bound (at beta = 0 the rate grows freely): it reports distortion and rate, not bits/dim. Later VAEs
-stack latents (NVAE 2.91, VDVAE 2.87 bits/dim); from VDVAE we take its stabiliser, bounding an
-update whose gradient norm is an outlier.
+At beta = 0 the code must keep what survives a crop and a colour change, roughly what a class is
+(experiments/vae_probe.py measures it). Eq. (1) holds for every q, but a run with beta != 1 did not
+minimise the bound (at beta = 0 the rate grows freely): it reports distortion and rate, not
+bits/dim. Later VAEs stack latents (NVAE 2.91, VDVAE 2.87 bits/dim); from VDVAE we take its
+stabiliser, bounding an update whose gradient norm is an outlier.
 """
 
 import argparse
@@ -277,12 +276,12 @@ def schedule(step, steps_per_epoch, args):
     return lr, args.kl_weight * warm
 
 
-def train_step(model, net, optimizer, scaler, x, beta, args, state, dtype):
-    """One AdamW step on -L of Eq. (5) for a batch x (B, 3, 32, 32) in [0, 1]. Returns ({name:
-    device tensor} to log, a device bool: the loss is not finite, the sign of a divergence)."""
-    view = augment(x) * 2 - 1 if args.augment else None  # AASAE: the encoder sees t(x)
+def train_step(model, net, optimizer, scaler, x, beta, args, state, dtype, view=None):
+    """One AdamW step on -L of Eq. (5) for a batch x (B, 3, 32, 32) in [0, 1]; given a function
+    `view`, the encoder sees view(x) (Eq. 6). Returns ({name: device tensor} to log, a device bool:
+    the loss is not finite, the sign of a divergence)."""
     with autocast(x.device, dtype):
-        log_px_z, kl = model(x * 2 - 1, view)
+        log_px_z, kl = model(x * 2 - 1, None if view is None else view(x) * 2 - 1)
     loss = training_loss(log_px_z, kl, beta, args.free_bits * args.latent_size**2)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -354,7 +353,9 @@ def write_previews(net, run_dir, epoch, args, device, dtype, test_images):
                      title=f"epoch {epoch}: z ~ N(0, T^2 I) decoded once (1 network evaluation)")
 
 
-def train(args):
+def train(args, view=None):
+    if getattr(args, "views", None) and view is None:  # (a run of experiments/aasae.py)
+        raise UserError(f"{args.resume} is an AASAE run: resume it with experiments/aasae.py")
     device, rank, world = setup_device(args)  # device and DDP
     dtype = amp_dtype(args, device)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP checks it)
@@ -384,7 +385,7 @@ def train(args):
             lr, beta = schedule(step, len(loader), args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logs, bad = train_step(model, net, optimizer, scaler, x, beta, args, state, dtype)
+            logs, bad = train_step(model, net, optimizer, scaler, x, beta, args, state, dtype, view)
             update_ema(ema, net, args.ema, step)
             step, streak = step + 1, (streak + 1) * bad
             worst = torch.maximum(worst, streak)
@@ -423,64 +424,6 @@ def describe(result, args):
     if "test_bpd" in result:
         return f"{result['test_bpd']:.4f} bits/dim ({terms})"
     return f"{terms} (bits/dim each); {NO_BOUND.format(args.kl_weight)}"
-
-
-# ----------------------------------------------------------------------------------------------
-# AASAE's view t(x) for the encoder (Eq. 6): SimCLR's augmentations, whole batches on the device
-# ----------------------------------------------------------------------------------------------
-# AASAE's CIFAR-10 setting (Lightning-Universe/paper-AAVAE, src/transforms/transforms.py): a random
-# resized crop (area 0.08-1, aspect 3/4-4/3), flip p = 0.5, ColorJitter(0.4, 0.4, 0.4, 0.1) with
-# p = 0.8, grayscale p = 0.2, no blur. The jitter's order is fixed here (torchvision draws it).
-
-def grayscale(x):
-    r, g, b = x.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)  # torchvision's weights: (B, 1, H, W)
-
-
-def shift_hue(x, turns):
-    """Rotate each image's hue by `turns` of the colour circle, as torchvision's adjust_hue: the max
-    and min of R, G, B stay, the hue h (in sixths) moves, and HSV -> RGB rebuilds the pixel as
-    c_n = max - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6, n = 5, 3, 1."""
-    (r, g, b), high = x.unbind(1), x.amax(1)
-    chroma = high - x.amin(1)
-    c = chroma.clamp(min=1e-12)  # grey pixels (chroma 0) have no hue, and keep their value
-    hue = torch.where(high == r, (g - b) / c,
-                      torch.where(high == g, (b - r) / c + 2, (r - g) / c + 4))
-    hue = (hue + 6 * turns.view(-1, 1, 1)) % 6
-    k = (torch.arange(5.0, 0, -2, device=x.device).view(1, 3, 1, 1) + hue.unsqueeze(1)) % 6
-    return high.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
-
-
-def resized_crop(x, width, height, centre_x, centre_y, flip):
-    """Crop each image to a box (sizes as fractions of the image, centre in [-1, 1]) and resize it
-    back, mirrored where flip is -1: one grid_sample whose grid maps output pixels into the box."""
-    zero = torch.zeros_like(width)
-    theta = torch.stack([width * flip, zero, centre_x, zero, height, centre_y], 1).view(-1, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def colour_jitter(x, brightness, contrast, saturation, hue):
-    """torchvision's adjust_brightness, _contrast, _saturation and _hue, a factor per image (B,)."""
-    factor = lambda f: f.view(-1, 1, 1, 1)  # noqa: E731
-    x = (factor(brightness) * x).clamp(0, 1)
-    mean = grayscale(x).mean((1, 2, 3), keepdim=True)
-    x = (mean + factor(contrast) * (x - mean)).clamp(0, 1)
-    return shift_hue((grayscale(x) + factor(saturation) * (x - grayscale(x))).clamp(0, 1), hue)
-
-
-def augment(x):
-    """A random SimCLR view of each image of x (B, 3, H, W) in [0, 1]. Draws come from the global
-    generator, which each epoch reseeds: a resumed run replays the same views."""
-    u = lambda: torch.rand(len(x), device=x.device)  # noqa: E731  one U(0, 1) per image
-    area, ratio = 0.08 + 0.92 * u(), torch.exp(math.log(3 / 4) + math.log(16 / 9) * u())
-    # a box larger than the image is shrunk to fit (torchvision draws again, then centre-crops)
-    width, height = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
-    x = resized_crop(x, width, height, (1 - width) * (2 * u() - 1), (1 - height) * (2 * u() - 1),
-                     torch.where(u() < 0.5, -1.0, 1.0))
-    jittered = colour_jitter(x, *(1 + 0.4 * (2 * u() - 1) for _ in range(3)), 0.1 * (2 * u() - 1))
-    x = torch.where(u().view(-1, 1, 1, 1) < 0.8, jittered, x)
-    return torch.where(u().view(-1, 1, 1, 1) < 0.2, grayscale(x).expand_as(x), x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,9 +489,6 @@ def evaluate(args):
           f"{result['n_samples']} each ({args.fid_extractor}): {args.eval}/eval.json")
 
 
-PRESETS = {  # the objective each paper fixes; a flag given on the command line wins
-    "vae": dict(kl_weight=1.0, augment=False, kl_warmup=5.0, free_bits=0.05),
-    "aasae": dict(kl_weight=0.0, augment=True, kl_warmup=0.0, free_bits=0.0)}  # AASAE's README
 RECIPE = dict(epochs=200, lr=5e-4, ema=0.999, grad_clip=20.0)
 COMMANDS = ("resume", "sample", "eval")  # the flags that name a run
 
@@ -562,11 +502,9 @@ def add_model_args(p):
     add("--latent-channels", type=positive_int, default=32, help="channels C of the latent map z")
     add("--latent-size", type=int, choices=[4, 8, 16], default=8, help="z is C x size x size")
     add("--mixtures", type=positive_int, default=10, help="logistic components per pixel")
-    add("--preset", choices=PRESETS, default="vae", help="vae, or aasae (Eq. 6 with beta = 0)")
-    add("--kl-weight", type=non_negative_float, help="beta of Eq. (6): 1 is the VAE, 0 is AASAE")
-    add("--augment", action=argparse.BooleanOptionalAction, help="the encoder sees a random view")
-    add("--kl-warmup", type=non_negative_float, help="epochs for the KL weight to rise to beta")
-    add("--free-bits", type=non_negative_float, help="lambda, nats per latent dimension (0: off)")
+    add("--kl-weight", type=non_negative_float, default=1.0, help="beta of Eq. (6): 1 is the VAE")
+    add("--kl-warmup", type=non_negative_float, default=5.0, help="epochs of beta's rise (0: off)")
+    add("--free-bits", type=non_negative_float, default=0.05, help="lambda, nats a latent (0: off)")
     add("--weight-decay", type=non_negative_float, default=0.01, help="AdamW's weight decay")
     add("--warmup-steps", type=non_negative_float, default=200, help="linear learning-rate warm-up")
     add("--skip-factor", type=positive_float, default=10.0,
@@ -574,9 +512,7 @@ def add_model_args(p):
 
 
 def check_model_args(args, error):
-    for key, value in PRESETS[args.preset].items():  # the preset fills what is still unset
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    pass  # every value of vae.py's own flags is valid
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ time". From the repository root ($JPEG: the JPEG copy of CIFAR-10 that experimen
     OMP_NUM_THREADS=1 python -m experiments.vae_aasae --data $JPEG --seeds 1 2
     OMP_NUM_THREADS=1 python -m experiments.vae_aasae --data $JPEG --seeds 1 2 --table-only
 
-For each seed it trains `vae.py` (beta = 1, no augmentation) and `vae.py --preset aasae` (beta = 0,
+For each seed it trains `vae.py` (beta = 1, no augmentation) and `experiments/aasae.py` (beta = 0,
 the encoder sees SimCLR views) at the same small width and data, with the number of epochs of each
 chosen so that both get about --budget seconds of single-thread CPU time (calibrated from a measured
 seconds per training step of each, in this process), two runs at a time. Each run's CPU seconds are
@@ -28,12 +28,15 @@ import torch
 
 import common
 import vae
+from experiments import aasae
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results" / "vae_aasae"  # .json and .md
 SETTING = ["--width", "16", "--blocks", "1", "--latent-channels", "16", "--latent-size", "8",
            "--batch-size", "32", "--lr", "1e-3", "--warmup-steps", "20", "--log-every", "25"]
-CONFIGS = {"vae": ["--preset", "vae", "--kl-warmup", "1"], "aasae": ["--preset", "aasae"]}
+CONFIGS = {"vae": ["--kl-warmup", "1"], "aasae": aasae.AASAE}  # flags on top of SETTING
+PROGRAMS = {"vae": "vae.py", "aasae": "experiments/aasae.py"}
+VIEWS = {"vae": None, "aasae": aasae.simclr_view}  # what the encoder sees: x, or a random view
 # Falcon et al. 2021, CIFAR-10 linear probe top-1 (%)
 PAPER = {"aasae": 87.14, "vae": 57.16, "simclr": 94.00}
 FEATURES = ("trained_encoder", "random_encoder", "raw_pixels")  # the probe's feature sets
@@ -83,7 +86,7 @@ def seconds_per_step(args, config, steps=12):
     beta = run_args.kl_weight  # the config's own loss: beta = 0 drops the KL term
 
     def step():
-        vae.train_step(net, net, optimizer, scaler, x, beta, run_args, state, None)
+        vae.train_step(net, net, optimizer, scaler, x, beta, run_args, state, None, VIEWS[config])
 
     step(), step()
     start = time.process_time()
@@ -133,7 +136,7 @@ def train_and_probe(args, record, record_path):
         record[f"seconds_per_step_{config}"] = sps
         print(f"{config}: {sps:.3f} CPU s per step -> {record['epochs'][config]} epochs",
               flush=True)
-    commands = [(f"{c}-{s}", [sys.executable, "vae.py", *common_flags(args), *CONFIGS[c],
+    commands = [(f"{c}-{s}", [sys.executable, PROGRAMS[c], *common_flags(args), *CONFIGS[c],
                               "--name", f"aasae-exp-{c}", "--seed", str(s),
                               "--epochs", str(record["epochs"][c])]) for c, s in todo]
     record["train_commands"].update({key: shown(command, args) for key, command in commands})
