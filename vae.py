@@ -299,15 +299,9 @@ def train_step(model, net, optimizer, scaler, x, beta, args, state, dtype, view=
     updated = torch.where(average.isinf(), grad_norm, capped)
     state["grad_norm_avg"] = torch.where(grad_norm.isfinite(), updated, average)
     state["clipped_outliers"] += grad_norm > bound
-    distortion, rate = bits_per_dim(log_px_z.detach(), kl.detach())
-    return {"loss": loss.detach(), "distortion_bpd": distortion, "rate_bpd": rate,
-            "grad_norm": grad_norm}, ~torch.isfinite(loss)
-
-
-def bits_per_dim(log_px_z, kl):
-    """(distortion, rate) in bits/dim from log p(x|z) (B,) and the KL (B, ...): batch means."""
-    rate = kl.double().flatten(1).sum(1).mean()
-    return common.bits_per_dim(-log_px_z.double().mean()), common.bits_per_dim(rate)
+    distortion, rate = -log_px_z.detach().double().mean(), kl.detach().double().sum(1).mean()
+    return {"loss": loss.detach(), "distortion_bpd": common.bits_per_dim(distortion),
+            "rate_bpd": common.bits_per_dim(rate), "grad_norm": grad_norm}, ~torch.isfinite(loss)
 
 
 @torch.inference_mode()
