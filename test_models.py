@@ -1752,8 +1752,11 @@ def test_aasae_trains_resumes_evaluates_and_probes_without_claiming_bits_per_dim
     """experiments/aasae.py end to end: exact resume with the random views (and vae.py refusing to
     resume it without them), no bits/dim anywhere (train log, test rows, summary, eval) but a stated
     reason, the probe's three rows, and a clear error without labels."""
-    full = aasae.main(train_args("vae", tiny_images, tmp_path / "a", "--epochs", 2))
-    half = aasae.main(train_args("vae", tiny_images, tmp_path / "b", "--epochs", 1))
+    # beta 0.5, not AASAE's 0: a resume must keep the run's own flags, not the script's defaults
+    full = aasae.main(train_args("vae", tiny_images, tmp_path / "a", "--epochs", 2,
+                                 "--kl-weight", 0.5))
+    half = aasae.main(train_args("vae", tiny_images, tmp_path / "b", "--epochs", 1,
+                                 "--kl-weight", 0.5))
     with pytest.raises(common.UserError, match="an AASAE run: resume it with experiments/aasae"):
         vae.main(["--resume", str(half), "--epochs", "2"])
     aasae.main(["--resume", str(half), "--epochs", "2"])
@@ -1770,7 +1773,7 @@ def test_aasae_trains_resumes_evaluates_and_probes_without_claiming_bits_per_dim
               "--fid-extractor", "tiny-random"])
     result = json.loads((full / "eval.json").read_text())
     assert ("test_bpd" not in result and "test_iwae_bpd" not in result
-            and "kl-weight 0" in result["bits_per_dim"])
+            and "kl-weight 0.5" in result["bits_per_dim"])
     # samples of p(x|z), and means
     assert math.isfinite(result["fid"]) and math.isfinite(result["means_fid"])
     out = run_script("experiments/vae_probe.py", full)

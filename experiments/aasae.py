@@ -87,7 +87,9 @@ def simclr_view(x):
 def main(argv=None):
     """Train (or resume) an AASAE run: vae.train with simclr_view as the encoder's input. The run
     records views = 'simclr' in its config.json, so that vae.py --resume refuses it."""
-    args = vae.parse_args(AASAE + list(sys.argv[1:] if argv is None else argv))
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    # a new run starts from AASAE's flags; a resumed one keeps those in its config.json
+    args = vae.parse_args(argv if "--resume" in argv else AASAE + argv)
     if args.sample or args.eval:
         raise vae.UserError("--sample and --eval of an AASAE run: use vae.py (the same network)")
     args.views = "simclr"
