@@ -3,7 +3,7 @@
     python vae.py --epochs 200                      # the headline run, one GPU
     python vae.py --eval runs/RUN                   # ELBO and IWAE bits/dim, then FID / IS / KID
     python vae.py --sample runs/RUN --n 64          # new images (--temperature 0.7: smoother)
-    python -m experiments.aasae --epochs 200        # AASAE: no KL, augmented encoder input (Eq. 6)
+    python experiments/aasae.py --epochs 200        # AASAE: no KL, augmented encoder input (Eq. 6)
     python experiments/vae_interpolate.py runs/RUN  # walks in latent space between test images
     torchrun --standalone --nproc_per_node=8 vae.py --epochs 200
 
