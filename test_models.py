@@ -1442,9 +1442,14 @@ def test_vae_uniform_decoder_gives_exactly_8_bits_per_dim(monkeypatch):
     assert (result["test_distortion_bpd"] == pytest.approx(8.0, abs=1e-12)
             and result["test_rate_bpd"] == 0)
     assert result["active_units"] == 0  # every posterior mean is 0: no unit is active
-    distortion, rate = vae.bits_per_dim(torch.tensor([-3072 * math.log(2)]),
-                                        torch.tensor([[3072 * 0.5]]))
-    assert (distortion.item(), rate.item()) == pytest.approx((1.0, 0.5 / math.log(2)))
+    # the training step logs both terms in bits/dim too: the KL summed over an image's latents
+    with torch.no_grad():
+        net.encoder[-1].bias[:4].fill_(1.0)  # mu = 1: KL 1/2 on each of the 4 x 8 x 8 latents
+    logs, _ = vae.train_step(net, net, torch.optim.Adam(net.parameters()),
+                             vae.grad_scaler(torch.device("cpu"), None), images[:4].float() / 255,
+                             1.0, args, vae_state(), None)
+    assert logs["distortion_bpd"].item() == pytest.approx(8.0, abs=1e-12)
+    assert logs["rate_bpd"].item() == pytest.approx(128 / (3072 * math.log(2)), rel=1e-9)
 
 
 def test_vae_analytic_kl_matches_monte_carlo():
