@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -701,7 +702,9 @@ def load_checkpoint(run, **modules):
     """RUN/checkpoint.pt (weights_only: pickled code is refused, not run) into modules (net=...)."""
     path = Path(run) / "checkpoint.pt"
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # (a corrupt file may read as an unknown pickle protocol,
+            warnings.simplefilter("ignore")  # which torch warns about before it fails)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"no checkpoint.pt in {run}") from None
     except Exception as e:
