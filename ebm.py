@@ -349,7 +349,8 @@ def train(args):
     streak = worst = torch.zeros((), device=device)  # divergence signs in a row, on the device
     for epoch in range(start + 1, args.epochs + 1):
         torch.manual_seed(args.seed * 10**9 + rank * 10**6 + epoch)  # each rank's and epoch's noise
-        last_good = copy.deepcopy([net.state_dict(), optimizer.state_dict(), buffer.samples])
+        last_good = copy.deepcopy([net.state_dict(), optimizer.state_dict(), scaler.state_dict(),
+                                   buffer.samples])  # what a rollback restores
         tick = time.perf_counter()
         for i, x in enumerate(tqdm(loader.epoch(epoch), f"epoch {epoch}", len(loader), leave=False,
                                    disable=rank != 0)):  # x: (B, 3, 32, 32) in [0, 1]
@@ -359,7 +360,8 @@ def train(args):
             worst = torch.maximum(worst, streak)
             if step % args.log_every == 0 or i == len(loader) - 1:  # the only host syncs
                 if worst.item() >= args.max_bad_steps:  # the EBM's own remedy (JEM's, VAEBM's)
-                    roll_back(last_good, net, optimizer, buffer, state, args, step, run_dir, log)
+                    roll_back(last_good, (net, optimizer, scaler), buffer, state, args, step,
+                              run_dir, log)
                     streak = worst = torch.zeros((), device=device)
                 elif rank == 0:
                     log(step, epoch=epoch, **{k: v.item() for k, v in logs.items()},
@@ -384,15 +386,18 @@ def train(args):
     return run_dir
 
 
-def roll_back(last_good, net, optimizer, buffer, state, args, step, run_dir, log):
-    """Back to the weights, optimiser and replay buffer of the last checkpoint, at a lower lr."""
+def roll_back(last_good, trained, buffer, state, args, step, run_dir, log):
+    """Back to the weights, optimiser, loss scale and replay buffer of the last checkpoint, at a
+    lower lr. trained: (net, optimizer, scaler); float16's scale, halved at every bad step, would
+    otherwise stay 2^-34 after 50 of them, and every gradient underflow to zero."""
     rollbacks = state["rollbacks"]
     if rollbacks >= args.max_rollbacks:
         raise UserError(f"the energy diverged (not finite, or |E| > {args.max_energy:g}) at step "
                         f"{step} after {rollbacks} rollback(s); the last good checkpoint is in "
                         f"{args.resume or run_dir}: resume it with a lower --lr or larger --alpha")
-    weights, optimizer_state, buffer.samples = copy.deepcopy(last_good)
-    net.load_state_dict(weights), optimizer.load_state_dict(optimizer_state)
+    net, optimizer, scaler = trained
+    weights, moments, scale, buffer.samples = copy.deepcopy(last_good)  # (kept for another one)
+    net.load_state_dict(weights), optimizer.load_state_dict(moments), scaler.load_state_dict(scale)
     state["rollbacks"], lr = rollbacks + 1, optimizer.param_groups[0]["lr"] * args.lr_drop
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -572,9 +577,11 @@ def autocast(device, dtype):
 
 def grad_scaler(device, dtype):
     """Its step() skips an update whose gradients are not finite; under float16 it also scales the
-    loss so that small gradients do not round to zero (elsewhere its scale stays 1)."""
+    loss so that small gradients do not round to zero. Elsewhere its scale stays 1: it backs off by
+    1 - 2^-24, not by half (after 150 halvings the scale is 0, and the weights become NaN)."""
     fp16 = dtype == torch.float16
     return torch.amp.GradScaler(device.type, init_scale=2.0**16 if fp16 else 1.0,
+                                backoff_factor=0.5 if fp16 else 1 - 2**-24,
                                 growth_interval=2000 if fp16 else 2**31 - 1)
 
 

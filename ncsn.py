@@ -430,7 +430,7 @@ SAMPLERS = {"ald": "annealed Langevin", "ode": "probability-flow ODE"}
 
 @torch.inference_mode()
 def draw_samples(net, stats, n, args, device, dtype, levels=None):
-    """(n samples (unclamped), network evaluations per sample) of --sampler in batches of
+    """(n samples on the CPU, unclamped; network evaluations per sample) of --sampler in batches of
     --batch-size, each from a Gaussian start; levels: stop after that many levels, no denoising."""
     sigmas, steps, eps = sampler_levels(args)
     sigmas, denoise, out = sigmas[:levels].to(device), args.denoise and levels is None, []
@@ -442,7 +442,7 @@ def draw_samples(net, stats, n, args, device, dtype, levels=None):
                 x = annealed_langevin(net, x, sigmas, steps, eps, denoise)
             else:
                 x = probability_flow(net, x, sigmas, denoise)
-        out.append(x.float())
+        out.append(x.float().cpu())
     nfe = len(sigmas) * steps if args.sampler == "ald" else 2 * len(sigmas) - 2
     return torch.cat(out), nfe + denoise
 
@@ -609,9 +609,11 @@ def autocast(device, dtype):
 
 def grad_scaler(device, dtype):
     """Its step() skips an update whose gradients are not finite; under float16 it also scales the
-    loss so that small gradients do not round to zero (elsewhere its scale stays 1)."""
+    loss so that small gradients do not round to zero. Elsewhere its scale stays 1: it backs off by
+    1 - 2^-24, not by half (after 150 halvings the scale is 0, and the weights become NaN)."""
     fp16 = dtype == torch.float16
     return torch.amp.GradScaler(device.type, init_scale=2.0**16 if fp16 else 1.0,
+                                backoff_factor=0.5 if fp16 else 1 - 2**-24,
                                 growth_interval=2000 if fp16 else 2**31 - 1)
 
 

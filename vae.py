@@ -292,7 +292,10 @@ def train_step(model, net, optimizer, scaler, x, beta, args, state, dtype, view=
     average = state["grad_norm_avg"]
     bound = args.skip_factor * average  # a norm beyond it is an outlier
     max_norm = bound.clamp(max=args.grad_clip or math.inf)  # (--grad-clip: a fixed cap as well)
-    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), max_norm)
+    grad_norm = nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
+    # the norm in units of max_norm, clipped to 1: clip_grad_norm_ would read max_norm, a device
+    # tensor, on the host (a GPU sync every step)
+    nn.utils.clip_grads_with_norm_(net.parameters(), 1.0, grad_norm / max_norm)
     scaler.step(optimizer)  # skipped if a gradient is not finite
     scaler.update()
     # the running average enters an outlier capped, so that a lasting change of scale is accepted
@@ -591,9 +594,11 @@ def autocast(device, dtype):
 
 def grad_scaler(device, dtype):
     """Its step() skips an update whose gradients are not finite; under float16 it also scales the
-    loss so that small gradients do not round to zero (elsewhere its scale stays 1)."""
+    loss so that small gradients do not round to zero. Elsewhere its scale stays 1: it backs off by
+    1 - 2^-24, not by half (after 150 halvings the scale is 0, and the weights become NaN)."""
     fp16 = dtype == torch.float16
     return torch.amp.GradScaler(device.type, init_scale=2.0**16 if fp16 else 1.0,
+                                backoff_factor=0.5 if fp16 else 1 - 2**-24,
                                 growth_interval=2000 if fp16 else 2**31 - 1)
 
 
