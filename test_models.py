@@ -906,32 +906,31 @@ def test_a_non_finite_step_is_skipped_with_any_optimiser(model, tiny_images, tmp
 
 
 @pytest.mark.parametrize("model", list(MODELS))
-def test_a_training_step_reads_no_tensor_on_the_host(model, monkeypatch):
-    """A step never turns a tensor into a Python number (.item(), float(), bool(), ...): on a GPU
-    each is a host sync, and only the logging every --log-every steps may make one. Bug it catches:
-    the VAE's clip to a bound held on the device through clip_grad_norm_, which calls float() on it
-    (found by .ci/gpu's set_sync_debug_mode on an H200; on the CPU this stands in for it)."""
-    module = MODELS[model]
-    args = module.parse_args(TINY[model])
-    net, _, optimizer, scaler = module.build(args, torch.device("cpu"))
-    x, state = torch.rand(8, 3, 32, 32), {"grad_norm_avg": torch.tensor(math.inf),
-                                          "clipped_outliers": torch.tensor(0)}
-    buffer = ebm.ReplayBuffer(64, (3, 32, 32), "cpu")
-    step = {"ncsn": lambda: ncsn.train_step(net, net, optimizer, scaler, x,
-                                            torch.tensor([1.0, 0.1]), args, None),
-            "vae": lambda: vae.train_step(net, net, optimizer, scaler, x, 1.0, args, state, None),
-            "ebm": lambda: ebm.train_step(net, net, optimizer, scaler, buffer, x, args, None),
-            }[model]
-    step()  # (the first step: the optimiser's state is made)
+def test_training_reads_tensors_on_the_host_per_epoch_not_per_step(model, tiny_images, tmp_path,
+                                                                   monkeypatch):
+    """Between two logs nothing in training turns a tensor into a Python number (.item(), float(),
+    bool(), ...): on a GPU each is a host sync. An epoch of 4 steps and one of 8, with no log
+    between, read the same number of tensors. Bug it catches: the VAE's clip to a bound held on the
+    device through clip_grad_norm_, which calls float() on it every step (found by .ci/gpu's
+    set_sync_debug_mode on an H200; on the CPU this count stands in for it)."""
+    reads = []
 
-    def host_read(*args, **kwargs):
-        raise AssertionError("a tensor read on the host inside a training step")
+    def counted(read):
+        def counting(self, *args):
+            reads.append(read)
+            return read(self, *args)
+        return counting
 
     for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, host_read)
-    logs, bad = step()
-    monkeypatch.undo()
-    assert set(logs) >= {"loss", "grad_norm"} and not bad
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    counts = []
+    for images in (32, 64):
+        reads.clear()
+        argv = train_args(model, tiny_images, tmp_path / str(images), "--epochs", 1,
+                          "--limit-train", images, "--batch-size", 8, "--log-every", 99)
+        MODELS[model].main(argv)
+        counts.append(len(reads))
+    assert counts[0] == counts[1] > 0, counts
 
 
 @pytest.mark.parametrize("model", list(MODELS))
