@@ -135,8 +135,7 @@ def _decode_folder(data, split):
                 images.append(arr)
                 labels.append(classes.index(p[0]) if len(p) > 1 else -1)
     if not images:
-        raise UserError(f"--data {data}: none of the {len(files)} image files in {base} "
-                        "could be read")
+        raise UserError(f"--data {data}: none of {len(files)} image files in {base} could be read")
     # Files come sorted by class; a fixed shuffle makes every prefix (--limit-train N, the first
     # test images of a figure) a fair sample of all classes, as CIFAR-10's own order is.
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
@@ -161,8 +160,6 @@ def load_split(data, data_root, split):
     """{'images': uint8 (N, 3, 32, 32), 'labels', 'classes'} for `data` = 'cifar10' or a folder.
     A folder is decoded once (50,000 JPEGs take seconds) and cached under data_root by data_key().
     Under torchrun, rank 0 downloads or decodes while the others wait, then they read its files."""
-    if split not in ("train", "test"):
-        raise ValueError(split)
     if Path(data_root).exists() and not Path(data_root).is_dir():
         raise UserError(f"--data-root {data_root}: a file, not a folder")
     first = not dist.is_initialized() or dist.get_rank() == 0
@@ -208,8 +205,7 @@ class DeviceLoader:
         self.seed, self.rank, self.world, self.flip = seed, rank, world_size, flip
         self.shard_size = len(images) // world_size
         if self.shard_size == 0:
-            raise UserError(f"{len(images)} training images cannot be shared among {world_size} "
-                            "processes")
+            raise UserError(f"{len(images)} images cannot be shared by {world_size} processes")
         self.batch_size = max(1, min(batch_size, self.shard_size))
 
     def __len__(self):
@@ -259,6 +255,24 @@ class _Uint8Images(torch.utils.data.Dataset):  # the form torch-fidelity reads: 
         return self.images[i]
 
 
+def check_metrics(n, extractor="inception-v3-compat", weights=None):
+    """Raises UserError unless FID / IS / KID of n samples can be computed here: n >= 2, a known
+    extractor, its weights loaded. --eval asks before it samples: no hour of sampling is lost."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY as known
+    from torch_fidelity.utils import create_feature_extractor
+    if n < 2 or extractor not in known:
+        raise UserError("--n: need at least 2 samples for FID / IS / KID" if n < 2 else
+                        f"--fid-extractor {extractor}: not one of {', '.join(known)}")
+    layer = known[extractor].get_default_feature_layer_for_metric("fid")
+    try:
+        create_feature_extractor(extractor, [layer], cuda=False, verbose=False,
+                                 feature_extractor_weights_path=weights)
+    except Exception as e:  # no network; no such file, or not a weights file
+        raise UserError(f"--fid-weights {weights}: not a readable weights file" if weights else
+                        f"could not load the {extractor} weights ({type(e).__name__}: no network?)"
+                        ": download them once elsewhere and pass --fid-weights FILE") from None
+
+
 def generative_metrics(samples, data, data_root, extractor="inception-v3-compat", weights=None,
                        device="cpu"):
     """FID, Inception Score and KID of `samples` (float in [0, 1]) against the training split,
@@ -266,22 +280,15 @@ def generative_metrics(samples, data, data_root, extractor="inception-v3-compat"
     import torch_fidelity  # imported here: scripts that never compute a metric do not pay for it
     reference, fake = load_images(data, data_root, "train"), to_uint8(samples.cpu())
     n, n_ref = len(fake), len(reference)
-    if n < 2:
-        raise UserError("--n: need at least 2 samples for FID / IS / KID")
-    try:  # the reference statistics are cached under data_root, keyed by data and extractor
-        scores = torch_fidelity.calculate_metrics(
-            input1=_Uint8Images(fake), input2=_Uint8Images(reference),
-            input2_cache_name=data_key(data, "train"),
-            cache_root=str(Path(data_root) / "fidelity_cache"), feature_extractor=extractor,
-            feature_extractor_weights_path=weights, cuda=torch.device(device).type == "cuda",
-            isc=True, fid=True, kid=True, isc_splits=min(10, n), kid_subsets=10,
-            kid_subset_size=min(1000, n, n_ref), verbose=False, batch_size=100,
-            save_cpu_ram=True)  # = no DataLoader workers: the images are already tensors in memory
-    except ValueError as e:  # torch-fidelity's own check, e.g. an extractor name it does not know
-        raise UserError(f"--fid-extractor {extractor}: {e}") from None
-    except OSError as e:
-        raise UserError(f"could not load the {extractor} weights ({type(e).__name__}: no network?)"
-                        ": download them once elsewhere and pass --fid-weights FILE") from None
+    check_metrics(n, extractor, weights)
+    scores = torch_fidelity.calculate_metrics(  # reference statistics cached under data_root
+        input1=_Uint8Images(fake), input2=_Uint8Images(reference),
+        input2_cache_name=data_key(data, "train"),
+        cache_root=str(Path(data_root) / "fidelity_cache"), feature_extractor=extractor,
+        feature_extractor_weights_path=weights, cuda=torch.device(device).type == "cuda",
+        isc=True, fid=True, kid=True, isc_splits=min(10, n), kid_subsets=10,
+        kid_subset_size=min(1000, n, n_ref), verbose=False, batch_size=100,
+        save_cpu_ram=True)  # = no DataLoader workers: the images are already tensors in memory
     names = {"fid": "frechet_inception_distance", "is_mean": "inception_score_mean",
              "is_std": "inception_score_std", "kid_mean": "kernel_inception_distance_mean",
              "kid_std": "kernel_inception_distance_std"}
@@ -360,8 +367,7 @@ def save_panels(panels, path, box, title=None):
 
 def read_metrics(run_dir):
     path = Path(run_dir) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if line.strip()]
+    return [json.loads(r) for r in path.read_text().splitlines() if r] if path.exists() else []
 
 
 def plot_metrics(run_dir, path=None):
@@ -426,19 +432,14 @@ def explore(data, data_root, out_dir):
     return stats
 
 
-class OneLineErrors(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise UserError(message)
-
-
 def main(argv=None):
-    parser = OneLineErrors(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p = parser.add_subparsers(dest="command", required=True).add_parser(
-        "explore", help="figures and statistics of a dataset")
+    p = argparse.ArgumentParser(description=__doc__, usage=argparse.SUPPRESS,  # (errors: one line)
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("command", choices=["explore"], help="figures and statistics of a dataset")
     p.add_argument("--data", default="cifar10", help="'cifar10' or a folder of images")
     p.add_argument("--data-root", default="data", help="where CIFAR-10 and image caches live")
     p.add_argument("--out", default="runs/data_exploration", help="output folder")
-    args = parser.parse_args(argv)
+    args = p.parse_args(argv)
     explore(args.data, args.data_root, args.out)
 
 

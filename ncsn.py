@@ -340,8 +340,8 @@ def train(args):
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP checks it)
     train_images = common.load_images(args.data, args.data_root, "train")[:args.limit_train]
     test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
-    loader = common.DeviceLoader(train_images, args.batch_size // world, device, args.seed,
-                                 rank, world)
+    loader = common.DeviceLoader(train_images, args.batch_size // world, device, args.seed, rank,
+                                 world)
     net, ema, optimizer, scaler = build(args, device)
     model = torch.compile(net) if args.compile else net
     model = DistributedDataParallel(model) if world > 1 else model
@@ -364,8 +364,7 @@ def train(args):
                                    disable=rank != 0)):  # x: (B, 3, 32, 32) in [0, 1]
             logs, bad = train_step(model, net, optimizer, scaler, x, sigmas, args, dtype)
             update_ema(ema, net, args.ema, step)
-            step += 1
-            streak = (streak + 1) * bad
+            step, streak = step + 1, (streak + 1) * bad
             worst = torch.maximum(worst, streak)
             if step % args.log_every == 0 or i == len(loader) - 1:  # the only host syncs
                 if worst.item() >= args.max_bad_steps:
@@ -469,6 +468,7 @@ def sample(args):
 
 def evaluate(args):
     """FID / IS / KID of --n samples, and the test DSM loss, into RUN/eval.json."""
+    common.check_metrics(args.n, args.fid_extractor, args.fid_weights)  # before any sampling
     device, _, _ = setup_device(args)
     dtype, (net, stats) = amp_dtype(args, device), load_trained(args.eval, args, device)
     torch.manual_seed(args.seed)
@@ -487,10 +487,12 @@ def evaluate(args):
 
 PRESETS = {  # what each paper fixes; a flag given on the command line wins
     "ncsnv2": dict(sigma_max=50.0, sigma_min=0.01, num_scales=232, steps_per_level=5,
-                   step_eps=6.2e-6, lr=1e-4, ema=0.999, denoise=True, score_param="divide"),
+                   step_eps=6.2e-6, lr=1e-4, ema=0.999, denoise=True, score_param="divide",
+                   grad_clip=1.0),  # (score-SDE's clip: neither paper's code clips)
     "ncsn2019": dict(sigma_max=1.0, sigma_min=0.01, num_scales=10, steps_per_level=100,
-                     step_eps=2e-5, lr=1e-3, ema=0.0, denoise=False, score_param="embed")}
-RECIPE = dict(epochs=200, grad_clip=1.0)  # (the rest comes from --preset)
+                     step_eps=2e-5, lr=1e-3, ema=0.0, denoise=False, score_param="embed",
+                     grad_clip=0.0)}
+RECIPE = dict(epochs=200)  # (the rest comes from --preset)
 COMMANDS = ("resume", "sample", "eval")  # the flags that name a run
 
 
@@ -523,9 +525,14 @@ def check_model_args(args, error):
         error(f"the noise anneals from --sigma-max down to --sigma-min over --num-scales >= 2 "
               f"levels; got {args.sigma_max:g}, {args.sigma_min:g}, {args.num_scales}")
     levels = len(sampler_levels(args)[0]) if args.nfe else args.num_scales
-    if levels < 2 or levels > args.num_scales and args.score_param == "embed":
-        error(f"--nfe {args.nfe}: --sampler {args.sampler} needs two levels at least, and at most "
-              f"the {args.num_scales} an 'embed' network knows (it has not learned the others)")
+    per_level, ends = (args.steps_per_level, -args.denoise) if args.sampler == "ald" else \
+        (2, 2 - args.denoise)  # L levels cost L per_level - ends evaluations
+    if levels < 2:
+        error(f"--nfe {args.nfe}: --sampler {args.sampler} needs two levels at least: --nfe "
+              f"{2 * per_level - ends} or more")
+    if levels > args.num_scales and args.score_param == "embed":
+        error(f"--nfe {args.nfe}: an 'embed' network knows its {args.num_scales} levels only (it "
+              f"has not learned the others): --nfe {args.num_scales * per_level - ends} at most")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,8 +657,8 @@ def open_run(args, step):
     lock.truncate(0), lock.write(f"{os.getpid()}\n"), lock.flush()
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
                          capture_output=True) if shutil.which("git") else None
-    config = {"args": vars(args), "torch": torch.__version__, "command": sys.argv,
-              "git_commit": git.stdout.strip() or None if git else None}
+    config = {"args": vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "command": sys.argv, "git_commit": git.stdout.strip() or None if git else None}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     (run_dir / "checkpoint.pt.tmp").unlink(missing_ok=True)  # what a crash during a save left
     return run_dir, Log(run_dir, args, step)

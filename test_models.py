@@ -206,7 +206,7 @@ def test_unreadable_files_are_named_on_every_run_not_only_the_first(tmp_path, ca
     for i in range(3):
         (tmp_path / "junk" / f"{i}.png").write_bytes(b"not an image")
     # (1 of 3: test)
-    with pytest.raises(common.UserError, match="none of the 2 image files .* could be read"):
+    with pytest.raises(common.UserError, match="none of 2 image files .* could be read"):
         common.load_images(str(tmp_path / "junk"), str(tmp_path / "root"), "train")
     assert capsys.readouterr().err == ""
 
@@ -854,6 +854,25 @@ def test_bad_inputs_fail_with_one_clear_line_and_leave_runs_intact(trained, tiny
         f"{broken['random']}/checkpoint.pt: corrupt or truncated", proc.stderr
 
 
+def test_eval_checks_the_metrics_before_it_samples(trained, tmp_path, monkeypatch, capsys):
+    """--eval samples for hours on a GPU before FID; a missing or broken --fid-weights file, an
+    unknown extractor or --n 1 used to fail only after that (keeping nothing, the VAE's test bound
+    and IWAE included). Bug it catches: the check after the sampling, or no check of the file."""
+    model, module, full, _, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    monkeypatch.setattr(module, "draw_samples", lambda *a, **k: pytest.fail("sampled first"))
+    monkeypatch.setattr(module, "test_metrics", lambda *a, **k: pytest.fail("evaluated first"))
+    (tmp_path / "garbage.pth").write_text("garbage\n")
+    missing = tmp_path / "missing.pth"
+    for argv, text in [(["--n", 1], "--n: need at least 2 samples"),
+                       (["--fid-weights", missing], f"--fid-weights {missing}: not a readable "),
+                       (["--fid-weights", tmp_path / "garbage.pth"], "not a readable weights file"),
+                       (["--fid-extractor", "no-such-net"], "--fid-extractor no-such-net: not")]:
+        fails_cleanly(module, ["--eval", run, *argv], text, capsys)
+    assert not (run / "eval.json").exists()
+
+
 @pytest.mark.parametrize("model", list(MODELS))
 def test_mixed_precision_follows_what_the_gpu_supports(model, monkeypatch):
     """bf16 where the GPU has it natively (compute capability 8+), float16 on a T4 or V100 (7.x),
@@ -1422,11 +1441,13 @@ def test_ncsn_sample_inpaint_and_eval_with_each_sampler(tiny_images, tmp_path, c
         ncsn_inpaint.inpaint([str(run), "--sampler", "ode"])
     with pytest.raises(SystemExit):
         ncsn.main(["--sample", str(run), "--sampler", "ode", "--nfe", "1"])
-    assert "--nfe 1: --sampler ode needs two levels at least" in capsys.readouterr().err
+    assert "--nfe 1: --sampler ode needs two levels at least: --nfe 3 or more" in \
+        capsys.readouterr().err
     # an 'embed' network is not asked about sigmas between its 10 levels
     with pytest.raises(SystemExit):
         ncsn.parse_args(["--preset", "ncsn2019", "--sampler", "ode", "--nfe", "58"])
-    assert "at most the 10 an 'embed' network knows" in capsys.readouterr().err
+    assert ("an 'embed' network knows its 10 levels only (it has not learned the others): --nfe 18 "
+            "at most") in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not REAL_DATA.exists(),

@@ -465,6 +465,7 @@ def sample(args):
 def evaluate(args):
     """Test bits/dim (ELBO and IWAE), FID / IS / KID of --n samples of p(x|z) and, labelled means_*,
     of their means E[x|z], into RUN/eval.json."""
+    common.check_metrics(args.n, args.fid_extractor, args.fid_weights)  # before any sampling
     device, _, _ = setup_device(args)
     dtype, (net, _) = amp_dtype(args, device), load_trained(args.eval, args, device)
     test_images = common.load_images(args.data, args.data_root, "test")[:args.limit_test]
@@ -635,8 +636,8 @@ def open_run(args, step):
     lock.truncate(0), lock.write(f"{os.getpid()}\n"), lock.flush()
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
                          capture_output=True) if shutil.which("git") else None
-    config = {"args": vars(args), "torch": torch.__version__, "command": sys.argv,
-              "git_commit": git.stdout.strip() or None if git else None}
+    config = {"args": vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "command": sys.argv, "git_commit": git.stdout.strip() or None if git else None}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     (run_dir / "checkpoint.pt.tmp").unlink(missing_ok=True)  # what a crash during a save left
     return run_dir, Log(run_dir, args, step)
