@@ -986,6 +986,59 @@ def test_the_benchmark_times_what_training_runs(model, tmp_path):
     assert only_run(tmp_path).name.startswith(f"{model}-bench__") and "bench.json" in out.stdout
 
 
+@pytest.mark.parametrize("model", list(MODELS))
+def test_every_epoch_draws_its_own_noise(model, tiny_images, tmp_path, monkeypatch):
+    """Each epoch reseeds from (seed, rank, epoch): resume is exact, and epochs differ. The random
+    state at the first step of epochs 1 and 2 must differ. Bug it catches:
+    the epoch left out of the reseed (each epoch then replays the same noise levels, eps or SGLD
+    noise; resume stays bit-identical, so the resume tests cannot see it)."""
+    module, states = MODELS[model], []
+    train_step = module.train_step
+
+    def recording(*args, **kwargs):
+        states.append(torch.random.get_rng_state())
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(module, "train_step", recording)
+    module.main(train_args(model, tiny_images, tmp_path, "--epochs", 2, "--limit-train", 16,
+                           "--limit-test", 16))
+    assert len(states) == 2 and not torch.equal(states[0], states[1])
+
+
+@pytest.mark.parametrize("model, loss", [("vae", "training_loss"), ("ncsn", "dsm_loss")])
+def test_only_bad_steps_in_a_row_stop_a_run(model, loss, tiny_images, tmp_path,
+                                            monkeypatch):
+    """--max-bad-steps counts non-finite steps in a row: every second of 8 steps diverging never
+    reaches 2 in a row, and the run ends normally; two in a row stop it. Bug it catches: bad steps
+    counted in total (streak + bad), which stops a run that recovers from each bad step."""
+    module, calls = MODELS[model], []
+    original = getattr(module, loss)
+
+    def every_second_step_diverges(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs) * (math.nan if len(calls) % 2 == 0 else 1.0)
+
+    monkeypatch.setattr(module, loss, every_second_step_diverges)
+    argv = train_args(model, tiny_images, tmp_path, "--epochs", 2, "--max-bad-steps", 2,
+                      "--log-every", 1, "--limit-test", 16)
+    assert module.main(argv).exists()  # 4 bad steps of 8, never two in a row
+    monkeypatch.setattr(module, loss, lambda *a, **k: original(*a, **k) * math.nan)
+    with pytest.raises(common.UserError, match="training diverged"):
+        module.main([*argv, "--name", "all_bad"])
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_ema_update_moves_the_average_a_tenth_of_the_way_at_decay_0_9(model):
+    """ema <- d ema + (1 - d) net in every model file (ncsn's own test covers only ncsn.py). Bug it
+    catches: the decay applied the wrong way round (lerp by d: the average is 90% the new weights,
+    nearly no average at all), which training, resume and samples all run through unnoticed."""
+    net, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2).requires_grad_(False)
+    old = [p.clone() for p in ema.parameters()]
+    MODELS[model].update_ema(ema, net, 0.9, step=10**6)  # long after the warm-up: d = decay
+    assert all(torch.allclose(e, 0.9 * o + 0.1 * p)
+               for e, o, p in zip(ema.parameters(), old, net.parameters()))
+
+
 # ------------------------------------------------------------------------------------------------
 # ncsn.py: math with known answers
 # ------------------------------------------------------------------------------------------------
@@ -1679,6 +1732,90 @@ def vae_state():
     return {"grad_norm_avg": torch.tensor(math.inf), "clipped_outliers": torch.tensor(0)}
 
 
+def logistic_logp(x, mean, log_scale):
+    """log P(x) of one discretized logistic (float64), edge bins open: from the CDF directly."""
+    inv_s = torch.exp(-log_scale)
+    upper = torch.where(x > 0.999, 1.0, torch.sigmoid(inv_s * (x + 1 / 255 - mean)))
+    lower = torch.where(x < -0.999, 0.0, torch.sigmoid(inv_s * (x - 1 / 255 - mean)))
+    return (upper - lower).log()
+
+
+def test_vae_rgb_coupling_moves_g_with_the_true_r_and_b_with_r_and_g():
+    """One component: P(R, G, B) = P(R; m_R) P(G; m_G + alpha R) P(B; m_B + beta R + gamma G), with
+    R and G the pixel's true values, against that product written out from the logistic CDF.
+    Bugs it catches: G's mean moved by R's mean instead of the true R, B's coefficients of R and G
+    swapped (every such coupling still sums to 1, so the sum-to-one test cannot see them)."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 256, (3, 64), generator=g).double() / 127.5 - 1
+    values[:, :2] = torch.tensor([[-1.0, 1.0], [1.0, -1.0], [-1.0, 1.0]])  # edge values too
+    means = torch.rand(3, 64, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    # scales e^-1.5 to e^-0.5: every bin's mass is well inside float64's precision
+    log_scales = torch.rand(3, 64, generator=g, dtype=torch.float64) - 1.5
+    coeffs = torch.rand(3, 64, generator=g, dtype=torch.float64) * 1.6 - 0.8  # in (-0.8, 0.8)
+    params = torch.cat([torch.zeros(1, 64, dtype=torch.float64), means, log_scales,
+                        coeffs.atanh()]).view(1, 10, 1, 64)  # the logit, then (3, 1) each
+    r, gr, b = values
+    truth = (logistic_logp(r, means[0], log_scales[0])
+             + logistic_logp(gr, means[1] + coeffs[0] * r, log_scales[1])
+             + logistic_logp(b, means[2] + coeffs[1] * r + coeffs[2] * gr, log_scales[2]))
+    ours = vae.discretized_logistic_mixture_logp(values.view(1, 3, 1, 64), params, 1).view(64)
+    assert torch.allclose(ours, truth, rtol=0, atol=1e-6)
+
+
+def test_vae_reparameterised_latents_have_the_posteriors_mean_and_std(monkeypatch):
+    """z = mu + sigma eps, sigma = exp(log sigma^2 / 2): with q(z|x) = N(2, 0.5^2) the z the
+    decoder receives have mean 2 and std 0.5 (4096 draws: standard errors 0.008 and 0.006; worst
+    errors over 20 seeds 0.014 and 0.013, against the bound 0.05). Bug it catches: z = mu +
+    sigma^2 eps (std 0.25), which the ELBO-against-IWAE test cannot see at initialisation, where
+    sigma is near 1."""
+    net, seen = vae.VAE(width=8, blocks=1, latent_channels=4, mixtures=2), {}
+    monkeypatch.setattr(net, "encode", lambda x: (torch.full((len(x), 4, 8, 8), 2.0),
+                                                  torch.full((len(x), 4, 8, 8), math.log(0.25))))
+    decode = net.decode
+
+    def decoding(z):  # the decoder, recording what it receives
+        seen["z"] = z
+        return decode(z)
+
+    monkeypatch.setattr(net, "decode", decoding)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        net(torch.rand(16, 3, 32, 32) * 2 - 1)
+    assert abs(seen["z"].mean().item() - 2) < 0.05 and abs(seen["z"].std().item() - 0.5) < 0.05
+
+
+def test_vae_free_bits_apply_to_the_batch_average_kl_of_a_channel():
+    """Eq. (5): max(lambda, E_batch KL_j). A channel whose KL averages 3 nats over the batch, above
+    lambda = 2, is penalised in full for every image, the image at 0.5 nats included. Bug it
+    catches: the clamp applied per image before the average (the small image's gradient is then 0
+    and the loss 3.75 / 3072, not 3 / 3072)."""
+    kl = torch.tensor([[0.5], [5.5]], requires_grad=True)  # (B, C): one channel, mean 3
+    loss = vae.training_loss(torch.zeros(2), kl, beta=1.0, free_nats=2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(3.0 / 3072)
+    assert torch.allclose(kl.grad, torch.full((2, 1), 0.5 / 3072))
+
+
+@pytest.mark.parametrize("latent_size", [8, 4])
+def test_vae_free_bits_are_nats_per_latent_so_a_channel_map_gets_lambda_times_its_size(
+        latent_size):
+    """--free-bits is lambda per latent; a channel map of s x s latents is free below lambda s^2.
+    With q(z|x) = p(z) the KL is 0, so the step's loss is the distortion plus C lambda s^2 nats.
+    Bug it catches: lambda used per channel map (s^2 = 64 times too small: 0.05 nats for a whole
+    8x8 map)."""
+    args = vae.parse_args([*TINY["vae"], "--latent-size", str(latent_size), "--free-bits", "0.05",
+                           "--device", "cpu"])
+    torch.manual_seed(0)
+    net, _, optimizer, scaler = vae.build(args, torch.device("cpu"))
+    torch.nn.init.zeros_(net.encoder[-1].weight), torch.nn.init.zeros_(net.encoder[-1].bias)
+    logs, _ = vae.train_step(net, net, optimizer, scaler, torch.rand(4, 3, 32, 32), 1.0, args,
+                             vae_state(), None)
+    distortion = logs["distortion_bpd"].item() * 3072 * math.log(2)  # nats per image
+    free = logs["loss"].item() * 3072 - distortion
+    assert logs["rate_bpd"].item() == 0
+    assert free == pytest.approx(args.latent_channels * 0.05 * latent_size**2, abs=0.01)
+
+
 # ------------------------------------------------------------------------------------------------
 # vae.py: training and commands
 # ------------------------------------------------------------------------------------------------
@@ -1873,6 +2010,22 @@ def test_vae_real_cifar10_copy_bits_per_dim_fall_below_init_and_8(tmp_path):
     assert final < at_init and final < 8
 
 
+def test_vae_an_outlier_enters_the_running_average_capped_at_the_bound():
+    """The rule's running average of gradient norms takes an outlier as the bound (skip factor x
+    the average), so one spike cannot double it: 0.99 a + 0.01 (10 a) = 1.09 a after a norm 100 a.
+    Bug it catches: the outlier entered uncapped (1.99 a: each spike then loosens the bound that
+    should have caught the next)."""
+    torch.manual_seed(0)
+    args = vae.parse_args([*TINY["vae"], "--free-bits", "0", "--device", "cpu", "--grad-clip", "0"])
+    net, _, optimizer, scaler = vae.build(args, torch.device("cpu"))
+    x, state = torch.rand(4, 3, 32, 32), vae_state()
+    logs, _ = vae.train_step(net, net, optimizer, scaler, x, 1.0, args, state, None)
+    state["grad_norm_avg"] = average = logs["grad_norm"] / 100  # the next one looks 100x too big
+    logs, _ = vae.train_step(net, net, optimizer, scaler, x, 1.0, args, state, None)
+    assert logs["grad_norm"] > 50 * average
+    assert state["grad_norm_avg"].item() == pytest.approx(1.09 * average.item(), rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # ebm.py: math with known answers
 # ------------------------------------------------------------------------------------------------
@@ -1986,6 +2139,46 @@ def test_ebm_toy_energy_is_lower_at_the_modes_than_between_them():
     assert (e_modes < e_between).all() and (e_modes < e_between.roll(1)).all()
     assert (e_modes < e_centre).all()
     assert buffer.samples.abs().max() <= ebm_toy.TOY["box"]
+
+
+def test_ebm_sgld_clips_each_gradient_entry_and_clamps_to_the_image_range():
+    """IGEBM's step x <- clamp(x - lambda clip(grad_x E, +-0.01) + noise, 0, 1) on an energy whose
+    gradient is 100 everywhere, without noise: one step moves every pixel by exactly lambda x 0.01
+    = 0.1; ten steps end at 0, not below. Bugs it catches: the clip dropped (a step of 1000), the
+    clamp to [0, 1] dropped (the chain leaves the image range, -0.5 after ten steps)."""
+    energy = lambda x: 100 * x.flatten(1).sum(1)  # noqa: E731
+    x0 = torch.full((2, 3, 4, 4), 0.5)
+    one, _ = ebm.sgld(energy, x0, 1, 10.0, 0.0, grad_clip=0.01)
+    assert torch.allclose(one, torch.full_like(x0, 0.4))
+    ten, _ = ebm.sgld(energy, x0, 10, 10.0, 0.0, grad_clip=0.01)
+    assert torch.equal(ten, torch.zeros_like(x0))
+
+
+def test_ebm_sgld_negatives_are_constants_even_when_the_energy_is_being_trained():
+    """Contrastive divergence treats the negatives as constants: sgld returns them without a graph,
+    even for an energy whose weights require gradients (the 2-D toy trains so). Bug it catches:
+    grad_x E taken with create_graph=True, whose graph the chain then carries (ebm.py's own update
+    is shielded by net.requires_grad_(False); the toy's loss would backpropagate through its 10
+    SGLD steps into the weights)."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.SiLU(), torch.nn.Linear(16, 1),
+                              torch.nn.Flatten(0))
+    x, _ = ebm.sgld(net, torch.randn(8, 2), 5, 0.01, 0.1, bounds=None)
+    assert not x.requires_grad and x.grad_fn is None
+
+
+def test_ebm_replay_buffer_restarts_at_the_rate_it_is_given():
+    """restart_rate 1 restarts every chain from U(low, high) (the short-run chains of Nijkamp et
+    al., experiments/ebm_chains.py), 0 none, and 0.3 about 30% (+-5 standard errors; at most 2.0
+    over 20 seeds). Bug it
+    catches: the rate ignored (a fixed 5%, which the default-rate test cannot tell apart)."""
+    torch.manual_seed(0)
+    for rate, low, high in ((1.0, -2.0, 2.0), (0.0, 0.0, 1.0), (0.3, 0.0, 1.0)):
+        buffer = ebm.ReplayBuffer(1000, (2,), "cpu", restart_rate=rate, low=low, high=high)
+        buffer.samples.fill_(5.0)  # a marker outside the noise's range
+        x, _ = buffer.sample(1000)
+        fresh = (x != 5.0).all(1).float()
+        assert abs(fresh.mean().item() - rate) < 5 * math.sqrt(rate * (1 - rate) / 1000) + 1e-9
+        assert (x[fresh == 1] >= low).all() and (x[fresh == 1] <= high).all()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2333,6 +2526,63 @@ def test_ebm_short_run_on_real_cifar10_stays_finite(tmp_path):
     assert summary["rollbacks"] == 0 and rows[-1]["step"] == 20
     assert all(math.isfinite(r["energy_pos"]) and math.isfinite(r["energy_neg"]) for r in rows)
     assert (run / "checkpoint.pt").exists() and (run / "samples" / "epoch_0002.png").exists()
+
+
+def ebm_step(max_energy=1000.0):
+    """One ebm.train_step on 16 images k / 255 (every value 0..255 present), with a network spy:
+    (what the network scored: 16 positives then 16 negatives, the slots the chains came from, the
+    buffer after the step, the weights before and after, bad)."""
+    torch.manual_seed(0)
+    args = ebm.parse_args([*TINY["ebm"], "--max-energy", str(max_energy), "--restart-rate", "0"])
+    net, _, optimizer, scaler = ebm.build(args, torch.device("cpu"))
+    buffer = ebm.ReplayBuffer(16, (3, 32, 32), "cpu", restart_rate=0.0)
+    seen, sample = {}, buffer.sample
+
+    def sampling(n):  # the buffer's draw, recording the slots
+        seen["x_neg"], seen["slots"] = sample(n)
+        return seen["x_neg"], seen["slots"]
+
+    buffer.sample = sampling
+    x = torch.arange(16 * 3072).remainder(256).view(16, 3, 32, 32).float() / 255
+    before = [p.detach().clone() for p in net.parameters()]
+
+    def scoring(v):  # the network, recording what it scores
+        seen["scored"] = v
+        return net(v)
+
+    _, bad = ebm.train_step(scoring, net, optimizer, scaler, buffer, x, args, None)
+    return seen["scored"], seen["slots"], buffer.samples, before, list(net.parameters()), bad
+
+
+def test_ebm_positives_are_dequantized_within_their_bins():
+    """x+ = (k + u) / 256, u ~ U(0, 1): every value lies in its own bin [k / 256, (k + 1) / 256)
+    (up to float32's rounding), and u is uniform there for each k: over the 192 pixels of each
+    value, std 1/sqrt(12) = 0.289 (its standard error 0.015; over 20 seeds the 256 values' stds
+    ranged 0.242-0.322, the bounds are 0.2 and 0.38). Bug it catches: no dequantization
+    noise (u is then k / 255 for every pixel of value k: std 0 within a bin, though over all k its
+    mean and std look uniform)."""
+    scored, *_ = ebm_step()
+    k = torch.arange(16 * 3072).remainder(256).view(16, 3, 32, 32).float()
+    u = scored[:16] * 256 - k
+    assert ((u > -1e-4) & (u < 1 + 1e-4)).all() and abs(u.mean().item() - 0.5) < 0.01
+    per_value = u.flatten().view(-1, 256).std(0)  # column k: the pixels of value k
+    assert ((per_value > 0.2) & (per_value < 0.38)).all(), per_value.aminmax()
+
+
+def test_ebm_chains_persist_in_the_replay_buffer():
+    """The negatives the loss scores are pushed back into the slots they came from: the next
+    update continues those chains (persistent CD). Bug it catches: the push left out (every update
+    then restarts from the buffer's first noise: short-run chains of K steps, not IGEBM's)."""
+    scored, slots, samples, *_ = ebm_step()
+    assert torch.equal(samples[slots], scored[16:])
+
+
+def test_ebm_a_step_whose_energies_exceed_the_bound_changes_nothing():
+    """Finite energies beyond --max-energy are a divergence: the step is reported bad and skipped,
+    weights untouched. Bug it catches: the loss not turned into NaN for such a step (only
+    non-finite energies would be skipped, and a runaway energy would keep training)."""
+    *_, before, after, bad = ebm_step(max_energy=1e-9)
+    assert bad and all(torch.equal(a, b) for a, b in zip(before, after))
 
 
 # ------------------------------------------------------------------------------------------------

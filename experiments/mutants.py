@@ -1,0 +1,253 @@
+"""A mutation sweep: does the test suite catch real math bugs?
+
+Each mutant is a bug a student copying a model file might make: an exact snippet of the code (it
+must occur once in its file) replaced by a wrong one. For each, the sweep copies the repository (the
+files `git ls-files` lists, as they are in the working tree) to a temporary folder, mutates the copy
+and runs there the fast tests that should catch the bug, one pytest at a time:
+
+    OMP_NUM_THREADS=1 python -m pytest -x -q -k TESTS test_models.py
+
+killed: a test failed; survived: every selected test passed; error: no test ran (none selected, or
+the mutant breaks the import) or they ran past --timeout. First the clean copy runs every mutant's
+tests: a kill counts only by tests that pass without the bug. The repository is never changed.
+
+    python experiments/mutants.py                   # about 11 minutes on 2 CPU cores
+    python experiments/mutants.py --only 'vae_kl'   # the mutants whose names match a regex
+    python experiments/mutants.py --wide --only X   # each against all its model's tests (minutes)
+
+Results: experiments/results/mutants.json and .md (--wide: mutants_wide.*), merged by name into
+what earlier sweeps stored.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# --wide: every test of the mutated file's model but the multi-process ones, which check resume
+# and failure handling, not math (a minute or two for a model, against seconds)
+WIDE = {"ncsn.py": "ncsn", "vae.py": "vae or aasae", "ebm.py": "ebm", "common.py": "vae or bits"}
+NOT_WIDE = " and not (torchrun or rank_0 or one_writer or another_number)"
+NCSN_SAMPLERS = "ncsn_ode_sampler or ncsn_ncsnv2_sampler or ncsn_preview or ncsn_every_sampler_s"
+VAE_LIKELIHOOD = "vae_discretized or vae_decoder_samples or vae_iwae_bound_is or vae_rgb_coupling"
+EBM_MATH = "ebm_sgld_in or ebm_sgld_clips or ebm_replay or ebm_a_gradient or ebm_toy_energy"
+# (name, bug, original snippet, mutated snippet, the tests that should catch it: pytest -k)
+MUTANTS = {"ncsn.py": [
+    ("ncsn_dsm_lambda_1", "DSM weighted by lambda(sigma) = 1, not sigma^2",
+     "0.5 * (sigma * score + z).pow(2)", "0.5 * (score + z / sigma).pow(2)", "ncsn_dsm_loss"),
+    ("ncsn_dsm_noise_sign", "DSM perturbs x - sigma z but scores against +z",
+     "score_net(x + sigma * z,", "score_net(x - sigma * z,", "ncsn_dsm_loss"),
+    ("ncsn_dsm_skips_sigma_L", "DSM draws levels 0..L-2: the smallest sigma is never trained",
+     "torch.randint(len(sigmas),", "torch.randint(len(sigmas) - 1,", "ncsn_both_score"),
+    ("ncsn_ald_score_sign", "flip the sign of the score in the Langevin step",
+     "x = x + alpha * score +", "x = x - alpha * score +", NCSN_SAMPLERS),
+    ("ncsn_ald_noise_sqrt_alpha", "Langevin noise sqrt(alpha), not sqrt(2 alpha)",
+     "(2 * alpha).sqrt() * torch.randn_like(x)", "alpha.sqrt() * torch.randn_like(x)",
+     NCSN_SAMPLERS),
+    ("ncsn_ald_alpha_unsquared", "step size eps sigma_i / sigma_L, the ratio not squared",
+     "alpha = eps * (sigma / sigmas[-1]) ** 2", "alpha = eps * (sigma / sigmas[-1])",
+     NCSN_SAMPLERS),
+    ("ncsn_ald_sigma_min_everywhere", "wrong sigma: the score at sigma_min at every level",
+     "score = score_net(x, sigma.expand(len(x)))",
+     "score = score_net(x, sigmas[-1].expand(len(x)))", NCSN_SAMPLERS),
+    ("ncsn_ode_euler", "probability flow by Euler, not Heun (same cost counted)",
+     "x = x + (sigma_next - sigma) * (d + slope(x_euler, sigma_next)) / 2",
+     "x = x_euler + 0 * slope(x_euler, sigma_next)", NCSN_SAMPLERS),
+    ("ncsn_ode_heun_same_sigma", "Heun's second slope taken at sigma, not sigma_next",
+     "slope(x_euler, sigma_next)) / 2", "slope(x_euler, sigma)) / 2", NCSN_SAMPLERS),
+    ("ncsn_tweedie_sigma", "Tweedie denoise step uses sigma instead of sigma^2",
+     "x + sigma_min**2 * score_net(", "x + sigma_min * score_net(", "ncsn_final_denoising"),
+    ("ncsn_start_variance_sigma", "the start's noise variance sigma_1, not sigma_1^2",
+     "+ sigma_1**2 * torch.eye(", "+ sigma_1 * torch.eye(", NCSN_SAMPLERS),
+    ("ncsn_sigmas_linear", "the sigma ladder linear, not geometric",
+     "torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), num_scales))",
+     "torch.linspace(sigma_max, sigma_min, num_scales)", "ncsn_geometric or ncsn_a_budget"),
+    ("ncsn_ema_wrong_way", "EMA decay applied the wrong way round",
+     "e.lerp_(p, 1 - d)", "e.lerp_(p, d)", "ncsn_ema"),
+    ("ncsn_reseed_without_epoch", "every epoch reseeded alike: each epoch draws the same noise",
+     "rank * 10**6 + epoch)  # each", "rank * 10**6)  # each",
+     "ncsn and (resume_is_bit or every_epoch)"),
+], "vae.py": [
+    ("vae_kl_no_half", "drop the 1/2 of the KL",
+     "0.5 * (mu.pow(2) + logvar.exp()", "(mu.pow(2) + logvar.exp()", "vae_analytic_kl"),
+    ("vae_kl_logvar_sign", "KL with + log sigma^2",
+     "logvar.exp() - 1 - logvar)", "logvar.exp() - 1 + logvar)", "vae_analytic_kl"),
+    ("vae_reparam_var_as_std", "reparameterisation z = mu + sigma^2 eps",
+     "z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # the",
+     "z = mu + logvar.exp() * torch.randn_like(mu)  # the",
+     "vae_iwae_bound_k1 or vae_reparameterised"),
+    ("vae_free_bits_clamp_max", "free bits clamp max instead of min",
+     ".clamp(min=free_nats)", ".clamp(max=free_nats)", "vae_free_bits"),
+    ("vae_free_bits_per_image", "free bits per image, not on the batch-average KL",
+     "kl.mean(0).clamp(min=free_nats).sum()", "kl.clamp(min=free_nats).mean(0).sum()",
+     "vae_free_bits or vae_kl_weight"),
+    ("vae_free_bits_per_latent", "lambda per latent used as lambda per channel map",
+     "args.free_bits * args.latent_size**2", "args.free_bits", "vae_free_bits or vae_kl_weight"),
+    ("vae_kl_warmup_in_steps", "KL warm-up counted in steps, not epochs",
+     "(args.kl_warmup * steps_per_epoch)", "args.kl_warmup", "vae_kl_weight"),
+    ("vae_bin_edge_256", "off-by-one bin edge 1/255 -> 1/256",
+     "(centred + 1 / 255), inv_scale * (centred - 1 / 255)",
+     "(centred + 1 / 256), inv_scale * (centred - 1 / 256)", VAE_LIKELIHOOD),
+    ("vae_edge_bins_closed", "the edge bins closed: 0 and 255 get an interior bin",
+     "torch.where(x < -0.999, F.logsigmoid(upper)", "torch.where(x < -1.5, F.logsigmoid(upper)",
+     VAE_LIKELIHOOD),
+    ("vae_coupling_on_mean", "G's mean moves with R's mean, not the true R",
+     "means[:, 1] + coeffs[:, 0] * x[:, 0]", "means[:, 1] + coeffs[:, 0] * means[:, 0]",
+     VAE_LIKELIHOOD),
+    ("vae_coupling_b_swapped", "B's coefficients of R and G swapped",
+     "coeffs[:, 1] * x[:, 0] + coeffs[:, 2] * x[:, 1]",
+     "coeffs[:, 1] * x[:, 1] + coeffs[:, 2] * x[:, 0]", VAE_LIKELIHOOD),
+    ("vae_mixture_no_softmax", "mixture weights unnormalised (logits, not log-softmax)",
+     "log_bin.sum(1) + torch.log_softmax(logits, dim=1)", "log_bin.sum(1) + logits",
+     VAE_LIKELIHOOD),
+    ("vae_iwae_log_chunk", "IWAE log-mean uses log K wrong (log of the chunk)",
+     "dim=0) - math.log(k)", "dim=0) - math.log(chunk)", "vae_iwae"),
+    ("vae_iwae_mean_of_logs", "IWAE averages the log-weights (the ELBO again)",
+     "torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)", "torch.cat(log_w).mean(0)",
+     "vae_iwae"),
+    ("vae_outlier_factor_ignored", "outliers clipped to the average, not skip-factor x it",
+     "bound = args.skip_factor * average", "bound = average", "vae_non_finite"),
+    ("vae_outlier_avg_uncapped", "the running average takes an outlier uncapped",
+     "0.01 * grad_norm.clamp(max=bound)", "0.01 * grad_norm", "vae_non_finite or vae_an_outlier"),
+    ("vae_ema_wrong_way", "EMA decay applied the wrong way round",
+     "e.lerp_(p, 1 - d)", "e.lerp_(p, d)", "vae and (ema_update or logs or sample)"),
+    ("vae_bad_steps_total", "bad steps counted in total, not in a row",
+     "(streak + 1) * bad", "streak + bad", "vae and (non_finite or only_bad_steps)"),
+], "ebm.py": [
+    ("ebm_cd_sign", "CD loss E(x-) - E(x+): data energy pushed up",
+     "energy_pos.mean() - energy_neg.mean()", "energy_neg.mean() - energy_pos.mean()",
+     "ebm_a_gradient"),
+    ("ebm_alpha_positives_only", "alpha's penalty on E(x+)^2 only",
+     "(energy_pos**2).mean() + (energy_neg**2).mean()", "(energy_pos**2).mean()", "ebm_a_gradient"),
+    ("ebm_no_dequantization", "no dequantization noise",
+     "(x * 255 + torch.rand_like(x)) / 256", "x",
+     "ebm_trains or ebm_training_chains or ebm_positives"),
+    ("ebm_sgld_grad_sign", "SGLD climbs the energy",
+     "move = -step_size * grad", "move = step_size * grad", EBM_MATH),
+    ("ebm_sgld_noise_variance", "SGLD noise std noise^2 (variance for std)",
+     "+ noise * torch.randn_like(x)", "+ noise**2 * torch.randn_like(x)", EBM_MATH),
+    ("ebm_sgld_no_clip", "SGLD gradient clip dropped",
+     "grad = torch.nan_to_num(grad).clamp(-grad_clip, grad_clip)", "grad = torch.nan_to_num(grad)",
+     EBM_MATH),
+    ("ebm_sgld_no_clamp", "SGLD chains not clamped to [0, 1]",
+     "x = x if bounds is None else x.clamp(*bounds)", "x = x", EBM_MATH),
+    ("ebm_detach_negatives", "forget to detach the SGLD negatives (grad_x E keeps its graph)",
+     "x)[0].float() / 1024", "x, create_graph=True)[0].float() / 1024",
+     EBM_MATH + " or ebm_sgld_negatives"),
+    ("ebm_grad_scale_kept", "grad_x E scaled by 1024 for float16 and not scaled back",
+     "x)[0].float() / 1024", "x)[0].float()", EBM_MATH),
+    ("ebm_restart_rate_ignored", "replay buffer restart probability ignored (always 5%)",
+     "< self.restart_rate", "< 0.05", EBM_MATH + " or ebm_chains"),
+    ("ebm_buffer_not_pushed", "chains never pushed back: no persistence",
+     "    buffer.push(x_neg, idx)\n", "",
+     "ebm_training_chains or ebm_resumes_on or ebm_chains_persist"),
+    ("ebm_clip_bias_late", "IGEBM clip's bias correction one step late",
+     "beta2 ** (state[\"step\"] + 1)", "beta2 ** state[\"step\"]", "ebm_gradient_clip"),
+    ("ebm_energy_bound_not_skipped", "a step with |E| > --max-energy is not skipped",
+     "scaler.scale(loss * torch.where(bad, math.nan, 1.0))", "scaler.scale(loss)",
+     "ebm and (non_finite or divergence or rollback or a_step_whose)"),
+    ("ebm_ema_wrong_way", "EMA decay applied the wrong way round",
+     "e.lerp_(p, 1 - d)", "e.lerp_(p, d)", "ebm_ema"),
+], "common.py": [
+    ("common_bpd_in_nats", "bits/dim without the ln 2 (nats per dim)",
+     "nll_nats / (dims * math.log(2))", "nll_nats / dims", "bits_per_dim or vae_uniform"),
+]}
+
+
+def copy_repository(dest):
+    """The files git tracks, as they are in the working tree, copied to dest."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+    for name in listed.stdout.decode().split("\0"):
+        if name and (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+
+
+def run_tests(folder, expression, timeout):
+    """(status, the first failing test, pytest's last line, seconds) of the tests selected."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+               "-k", expression, "test_models.py"]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "error", "", f"timeout after {timeout} s", time.perf_counter() - start
+    seconds, lines = time.perf_counter() - start, proc.stdout.strip().splitlines()
+    failed = next((line.split()[1] for line in lines if line.startswith(("FAILED", "ERROR"))), "")
+    # pytest's exit status: 0 all passed, 1 some failed; 2-5 interrupted, internal, usage, none ran
+    status = {0: "survived", 1: "killed"}.get(proc.returncode, "error")
+    return status, failed.removeprefix("test_models.py::"), lines[-1] if lines else "", seconds
+
+
+def write_results(rows, path, command):
+    """path.json and path.md: these rows merged, by name, into what earlier sweeps stored."""
+    order = [m[1] for m in ALL]
+    old = json.loads(path.with_suffix(".json").read_text())["mutants"] if path.with_suffix(
+        ".json").exists() else []
+    merged = {r["name"]: r for r in [*old, *rows] if r["name"] in order}
+    rows = sorted(merged.values(), key=lambda r: order.index(r["name"]))
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("killed", "survived", "error")}
+    path.with_suffix(".json").write_text(json.dumps(
+        {"counts": counts, "command": command, "mutants": rows}, indent=2) + "\n")
+    table = ["| mutant | bug | status | caught by | s |", "|---|---|---|---|---|"]
+    cells = [(r["name"], r["bug"].replace("|", "&#124;"), r["status"], r["killed_by"],
+              f"{r['seconds']:.0f}") for r in rows]  # (a | in a bug would split its cell)
+    table += ["| " + " | ".join(row) + " |" for row in cells]
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    path.with_suffix(".md").write_text(f"`{command}`: {summary} of {len(rows)} mutants\n\n"
+                                       + "\n".join(table) + "\n")
+    return counts
+
+
+ALL = [(file, *m) for file, mutants in MUTANTS.items() for m in mutants]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="", help="run the mutants whose names match this regex")
+    p.add_argument("--wide", action="store_true", help="all the model's tests, not the named ones")
+    p.add_argument("--timeout", type=int, default=600, help="seconds for one mutant's tests")
+    args = p.parse_args(argv)
+    assert len({m[1] for m in ALL}) == len(ALL), "two mutants share a name"
+    chosen = [(file, name, bug, original, mutated, WIDE[file] + NOT_WIDE if args.wide else tests)
+              for file, name, bug, original, mutated, tests in ALL if re.search(args.only, name)]
+    if not chosen:
+        sys.exit(f"no mutant's name matches {args.only!r}")
+    rows, start = [], time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        clean = Path(tmp) / "clean"  # one snapshot: edits made during the sweep do not leak in
+        copy_repository(clean)
+        union = " or ".join(sorted({f"({m[-1]})" for m in chosen}))
+        status, failed, last, seconds = run_tests(clean, union, 10 * args.timeout)
+        print(f"clean copy: {last} ({seconds:.0f} s)", flush=True)
+        assert status == "survived", f"the clean copy fails its tests ({failed}): {last}"
+        for file, name, bug, original, mutated, tests in chosen:
+            folder = Path(tmp) / name
+            shutil.copytree(clean, folder)
+            text = (folder / file).read_text()
+            assert text.count(original) == 1, f"{name}: {original!r} is not once in {file}"
+            (folder / file).write_text(text.replace(original, mutated))
+            status, failed, last, seconds = run_tests(folder, tests, args.timeout)
+            shutil.rmtree(folder)
+            rows.append({"name": name, "file": file, "bug": bug, "tests": tests, "status": status,
+                         "killed_by": failed, "pytest": last, "seconds": round(seconds, 1)})
+            print(f"{status:9} {seconds:4.0f} s  {name:30} {failed or last}", flush=True)
+    command = "python experiments/mutants.py" + " --wide" * args.wide
+    path = ROOT / "experiments" / "results" / ("mutants_wide" if args.wide else "mutants")
+    counts = write_results(rows, path, command)
+    print(f"stored results: {counts}; this sweep: {len(rows)} mutants in "
+          f"{time.perf_counter() - start:.0f} s ({path}.json)")
+
+
+if __name__ == "__main__":
+    main()
