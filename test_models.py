@@ -1968,6 +1968,7 @@ def test_aasae_trains_resumes_evaluates_and_probes_without_claiming_bits_per_dim
     with pytest.raises(common.UserError, match="an AASAE run: resume it with experiments/aasae"):
         vae.main(["--resume", str(half), "--epochs", "2"])
     aasae.main(["--resume", str(half), "--epochs", "2"])
+    assert full.name.startswith("vae__aasae__1__")  # named as what it is
     assert checkpoints_equal(*(torch.load(r / "checkpoint.pt", weights_only=True)
                                for r in (full, half)))
     rows = common.read_metrics(full)
@@ -1977,6 +1978,9 @@ def test_aasae_trains_resumes_evaluates_and_probes_without_claiming_bits_per_dim
     summary = json.loads((full / "summary.json").read_text())
     assert "test_bpd" not in summary and "test_rate_bpd" in summary
     assert "no bits/dim" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        aasae.main(["--help"])
+    assert capsys.readouterr().out.startswith("AASAE (Falcon et al. 2021")
     vae.main(["--eval", str(full), "--n", "16", "--iw-samples", "2",
               "--fid-extractor", "tiny-random"])
     result = json.loads((full / "eval.json").read_text())

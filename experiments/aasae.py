@@ -30,7 +30,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import vae  # noqa: E402
 
-AASAE = ["--kl-weight", "0", "--kl-warmup", "0", "--free-bits", "0"]  # a flag given later wins
+# AASAE's flags (a flag given later wins): runs are vae__aasae__<seed>__<time>, vae.py's network
+AASAE = ["--kl-weight", "0", "--kl-warmup", "0", "--free-bits", "0", "--name", "aasae"]
 
 
 def grayscale(x):
@@ -88,6 +89,8 @@ def main(argv=None):
     """Train (or resume) an AASAE run: vae.train with simclr_view as the encoder's input. The run
     records views = 'simclr' in its config.json, so that vae.py --resume refuses it."""
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    if {"-h", "--help"} & {*argv}:  # (the flags' list that follows is vae.py's)
+        print(__doc__.split("\n\n")[0] + "\n\nIt takes vae.py's flags:\n")
     # a new run starts from AASAE's flags; a resumed one keeps those in its config.json
     args = vae.parse_args(argv if "--resume" in argv else AASAE + argv)
     if args.sample or args.eval:
