@@ -8,6 +8,7 @@ one section per model for its own math and commands. Scripts run on a tiny image
 write themselves, at tiny widths, so the whole suite stays within minutes on two CPU cores.
 """
 
+import argparse
 import hashlib
 import json
 import math
@@ -283,7 +284,7 @@ def test_cifar10_is_downloaded_by_one_process_while_the_others_wait(tmp_path):
     assert sorted(log[1:]) == ["read 0 True", "read 1 True", "read 2 True"], log
 
 
-def test_device_loader_sees_every_image_once_and_flips_about_half():
+def test_device_loader_sees_every_image_once_and_flips_about_half_unless_told_not_to():
     n = 1000
     images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
     images[:, 0, 0, 0] = torch.arange(n) % 256  # identity in two pixels ...
@@ -302,6 +303,10 @@ def test_device_loader_sees_every_image_once_and_flips_about_half():
     again = torch.cat(list(loader.epoch(0)))
     other = torch.cat(list(loader.epoch(1)))
     assert torch.equal(x, again) and not torch.equal(x, other)  # order = f(seed, epoch)
+    # flip=False (the EBM, as IGEBM): the same order, no image mirrored. Bug it catches: the flag
+    # ignored (the EBM's test above sees only that it is passed)
+    plain = torch.cat(list(common.DeviceLoader(images, 100, "cpu", seed=3, flip=False).epoch(0)))
+    assert not (plain[:, 2, 0, 31] == 1).any() and torch.equal(plain[~flipped], x[~flipped])
 
 
 def test_device_loader_ddp_shards_are_disjoint_and_complete():
@@ -558,7 +563,8 @@ def test_explore_on_real_cifar10_copy(tmp_path):
 
 def checkpoints_equal(a, b):
     """Every tensor of two checkpoints (weights, EMA, optimiser moments, the model's state) bit for
-    bit."""
+    bit, and the same optimiser settings and loss-scaler state. Bug the last catches: a resume that
+    does not restore the scaler (its step counts start again; under float16 its scale too)."""
     def tensors(ckpt):
         out = {f"{key}.{name}": t for key in ("net", "ema") for name, t in ckpt[key].items()}
         out.update({f"optimizer.{i}.{k}": t for i, s in ckpt["optimizer"]["state"].items()
@@ -567,7 +573,9 @@ def checkpoints_equal(a, b):
                           if isinstance(t, torch.Tensor)}}
 
     ta, tb = tensors(a), tensors(b)
-    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    return (ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+            and a["scaler"] == b["scaler"]
+            and a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"])
 
 
 def epochs_logged(run):
@@ -612,6 +620,19 @@ def test_resume_is_bit_identical_and_logs_each_epoch_once(trained):
     assert checkpoints_equal(a, b)
     # the resumed log reads as if it had never stopped
     assert epochs_logged(half) == epochs_logged(full)
+
+
+def test_a_learning_rate_given_on_resume_wins(trained, tmp_path):
+    """`--resume RUN --epochs 2 --lr X` trains on at X, not at the lr the saved optimiser holds. Bug
+    it catches: the flag silently ignored (config.json would even record X)."""
+    model, module, _, _, tmp = trained
+    run = tmp_path / "run"
+    shutil.copytree(tmp / "after_one_epoch", run)
+    module.main(["--resume", str(run), "--epochs", "2", "--lr", "7e-4"])
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    args = argparse.Namespace(**ckpt["args"])  # the VAE's lr follows its warm-up from --lr
+    expected = vae.schedule(ckpt["step"] - 1, 4, args)[0] if model == "vae" else 7e-4
+    assert args.lr == 7e-4 and ckpt["optimizer"]["param_groups"][0]["lr"] == expected
 
 
 def test_a_checkpoint_from_the_gpu_resumes_on_the_cpu(trained):
