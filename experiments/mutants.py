@@ -11,7 +11,7 @@ killed: a test failed; survived: every selected test passed; error: no test ran 
 the mutant breaks the import) or they ran past --timeout. First the clean copy runs every mutant's
 tests: a kill counts only by tests that pass without the bug. The repository is never changed.
 
-    python experiments/mutants.py                   # about 11 minutes on 2 CPU cores
+    python experiments/mutants.py                   # about 13 minutes on 2 CPU cores
     python experiments/mutants.py --only 'vae_kl'   # the mutants whose names match a regex
     python experiments/mutants.py --wide --only X   # each against all its model's tests (minutes)
 
@@ -74,6 +74,19 @@ MUTANTS = {"ncsn.py": [
     ("ncsn_reseed_without_epoch", "every epoch reseeded alike: each epoch draws the same noise",
      "rank * 10**6 + epoch)  # each", "rank * 10**6)  # each",
      "ncsn and (resume_is_bit or every_epoch)"),
+    # the run section (the same text in the three files: mutated in this one)
+    ("run_resume_lr_ignored", "--lr given on resume ignored: the saved optimiser's lr kept",
+     '    if args.lr != ckpt["args"]["lr"]:', "    if False:", "learning_rate_given and ncsn"),
+    ("run_resume_scaler_not_loaded", "the loss scaler's state not restored on resume",
+     '        scaler.load_state_dict(ckpt["scaler"])  # (in', "        pass  # (in",
+     "resume_is_bit_identical_and and ncsn"),
+    ("run_log_rows_not_purged", "a resume keeps the log rows after the checkpoint's step",
+     'for r in rows if r["step"] <= step))', "for r in rows))", "crash_before and ncsn"),
+    ("ncsn_ema_no_warmup", "the EMA without its warm-up: d = decay from the first step",
+     "    d = min(decay, (1 + step) / (10 + step))\n    for e, p in zip(ema.parameters(), "
+     "net.parameters()):\n        e.lerp_(p, 1 - d)\n\n\ndef train_step",
+     "    d = decay\n    for e, p in zip(ema.parameters(), net.parameters()):\n"
+     "        e.lerp_(p, 1 - d)\n\n\ndef train_step", "ncsn_ema"),
 ], "vae.py": [
     ("vae_kl_no_half", "drop the 1/2 of the KL",
      "0.5 * (mu.pow(2) + logvar.exp()", "(mu.pow(2) + logvar.exp()", "vae_analytic_kl"),
@@ -120,6 +133,9 @@ MUTANTS = {"ncsn.py": [
      "e.lerp_(p, 1 - d)", "e.lerp_(p, d)", "vae and (ema_update or logs or sample)"),
     ("vae_bad_steps_total", "bad steps counted in total, not in a row",
      "(streak + 1) * bad", "streak + bad", "vae and (non_finite or only_bad_steps)"),
+    ("vae_lr_warmup_from_zero", "the lr warm-up starts at 0: the first step does nothing",
+     "args.lr * min(1.0, (step + 1) / max(1.0, args.warmup_steps))",
+     "args.lr * min(1.0, step / max(1.0, args.warmup_steps))", "vae_kl_weight_zero"),
 ], "ebm.py": [
     ("ebm_cd_sign", "CD loss E(x-) - E(x+): data energy pushed up",
      "energy_pos.mean() - energy_neg.mean()", "energy_neg.mean() - energy_pos.mean()",
@@ -155,9 +171,22 @@ MUTANTS = {"ncsn.py": [
      "ebm and (non_finite or divergence or rollback or a_step_whose)"),
     ("ebm_ema_wrong_way", "EMA decay applied the wrong way round",
      "e.lerp_(p, 1 - d)", "e.lerp_(p, d)", "ebm_ema"),
+    ("ebm_rollback_lr_kept", "a rollback keeps the lr", 'param_groups[0]["lr"] * args.lr_drop',
+     'param_groups[0]["lr"] * 1.0', "ebm_divergence"),
+    ("ebm_buffer_share_first", "a resumed rank takes the first chains whatever its rank",
+     "mine = torch.arange(rank * n, (rank + 1) * n) % len(saved)",
+     "mine = torch.arange(0, n) % len(saved)", "ebm_resumes_on"),
 ], "common.py": [
     ("common_bpd_in_nats", "bits/dim without the ln 2 (nats per dim)",
      "nll_nats / (dims * math.log(2))", "nll_nats / dims", "bits_per_dim or vae_uniform"),
+    ("loader_flip_always", "images flipped even with flip=False (the EBM, as IGEBM)",
+     "            if self.flip:\n", "            if True:\n", "device_loader_sees"),
+    ("loader_same_shard", "every rank takes rank 0's shard of the data",
+     "shard = slice(self.rank, self.shard_size", "shard = slice(0, self.shard_size",
+     "device_loader_ddp"),
+    ("loader_epoch_unseeded", "the data order seeded without the epoch: every epoch alike",
+     "manual_seed(self.seed * 1_000_003 + epoch)", "manual_seed(self.seed * 1_000_003)",
+     "device_loader_sees"),
 ]}
 
 
