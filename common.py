@@ -276,11 +276,11 @@ def check_metrics(n, extractor="inception-v3-compat", weights=None):
 def generative_metrics(samples, data, data_root, extractor="inception-v3-compat", weights=None,
                        device="cpu"):
     """FID, Inception Score and KID of `samples` (float in [0, 1]) against the training split,
-    with the sample count beside them: FID is biased upwards for small N (papers use 50,000)."""
+    with the sample count beside them: FID is biased upwards for small N (papers use 50,000).
+    Callers run check_metrics first, before they sample (it loads the extractor once to see)."""
     import torch_fidelity  # imported here: scripts that never compute a metric do not pay for it
     reference, fake = load_images(data, data_root, "train"), to_uint8(samples.cpu())
     n, n_ref = len(fake), len(reference)
-    check_metrics(n, extractor, weights)
     scores = torch_fidelity.calculate_metrics(  # reference statistics cached under data_root
         input1=_Uint8Images(fake), input2=_Uint8Images(reference),
         input2_cache_name=data_key(data, "train"),

@@ -372,10 +372,10 @@ def test_metric_pipeline_offline_scores_itself_near_zero_and_shifted_worse(tiny_
     assert shifted["kid_mean"] > same["kid_mean"] and same["is_mean"] >= 1.0
     assert list((tmp_path / "fidelity_cache").iterdir())  # reference statistics were cached
     with pytest.raises(common.UserError, match="--fid-extractor no-such-net"):
-        common.generative_metrics(train, str(tiny_images), str(tmp_path), extractor="no-such-net")
+        common.check_metrics(len(train), "no-such-net")
 
 
-def test_metrics_without_weights_name_the_flag(tiny_images, tmp_path, monkeypatch):
+def test_metrics_without_weights_name_the_flag(tmp_path, monkeypatch):
     import torch.hub
 
     def offline(*args, **kwargs):
@@ -385,7 +385,7 @@ def test_metrics_without_weights_name_the_flag(tiny_images, tmp_path, monkeypatc
     monkeypatch.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url",
                         offline)
     with pytest.raises(common.UserError, match="--fid-weights FILE"):
-        common.generative_metrics(torch.rand(10, 3, 32, 32), str(tiny_images), str(tmp_path))
+        common.check_metrics(10)
 
 
 def test_linear_probe_separates_separable_classes_and_is_at_chance_on_shuffled_labels():
