@@ -427,6 +427,11 @@ def sampler_levels(args):
 SAMPLERS = {"ald": "annealed Langevin", "ode": "probability-flow ODE"}
 
 
+def network_evaluations(sampler, levels, steps, denoise):
+    """A sample's cost: T Langevin steps a level (ald), or two a Heun step between levels (ode)."""
+    return (levels * steps if sampler == "ald" else 2 * levels - 2) + denoise
+
+
 @torch.inference_mode()
 def draw_samples(net, stats, n, args, device, dtype, levels=None):
     """(n samples on the CPU, unclamped; network evaluations per sample) of --sampler in batches of
@@ -442,8 +447,7 @@ def draw_samples(net, stats, n, args, device, dtype, levels=None):
             else:
                 x = probability_flow(net, x, sigmas, denoise)
         out.append(x.float().cpu())
-    nfe = len(sigmas) * steps if args.sampler == "ald" else 2 * len(sigmas) - 2
-    return torch.cat(out), nfe + denoise
+    return torch.cat(out), network_evaluations(args.sampler, len(sigmas), steps, denoise)
 
 
 def sample(args):
@@ -525,14 +529,14 @@ def check_model_args(args, error):
         error(f"the noise anneals from --sigma-max down to --sigma-min over --num-scales >= 2 "
               f"levels; got {args.sigma_max:g}, {args.sigma_min:g}, {args.num_scales}")
     levels = len(sampler_levels(args)[0]) if args.nfe else args.num_scales
-    per_level, ends = (args.steps_per_level, -args.denoise) if args.sampler == "ald" else \
-        (2, 2 - args.denoise)  # L levels cost L per_level - ends evaluations
+    least, most = (network_evaluations(args.sampler, n, args.steps_per_level, args.denoise)
+                   for n in (2, args.num_scales))
     if levels < 2:
         error(f"--nfe {args.nfe}: --sampler {args.sampler} needs two levels at least: --nfe "
-              f"{2 * per_level - ends} or more")
+              f"{least} or more")
     if levels > args.num_scales and args.score_param == "embed":
         error(f"--nfe {args.nfe}: an 'embed' network knows its {args.num_scales} levels only (it "
-              f"has not learned the others): --nfe {args.num_scales * per_level - ends} at most")
+              f"has not learned the others): --nfe {most} at most")
 
 
 # ----------------------------------------------------------------------------------------------
