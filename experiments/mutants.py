@@ -11,7 +11,7 @@ killed: a test failed; survived: every selected test passed; error: no test ran 
 the mutant breaks the import) or they ran past --timeout. First the clean copy runs every mutant's
 tests: a kill counts only by tests that pass without the bug. The repository is never changed.
 
-    python experiments/mutants.py                   # about 13 minutes on 2 CPU cores
+    python experiments/mutants.py                   # about 20 minutes on 2 CPU cores
     python experiments/mutants.py --only 'vae_kl'   # the mutants whose names match a regex
     python experiments/mutants.py --wide --only X   # each against all its model's tests (minutes)
 
@@ -33,8 +33,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # --wide: every test of the mutated file's model but the multi-process ones, which check resume
 # and failure handling, not math (a minute or two for a model, against seconds)
-WIDE = {"ncsn.py": "ncsn", "vae.py": "vae or aasae", "ebm.py": "ebm", "common.py": "vae or bits"}
-NOT_WIDE = " and not (torchrun or rank_0 or one_writer or another_number)"
+WIDE = {"ncsn.py": "ncsn", "vae.py": "vae or aasae", "ebm.py": "ebm",
+        "common.py": "vae or bits", "experiments/measures.py": "probe or auroc or ood",
+        "experiments/likelihood.py": "likelihood"}
+NOT_WIDE = " and not (torchrun or rank_0 or one_writer or another_number or ranks_roll)"
 NCSN_SAMPLERS = "ncsn_ode_sampler or ncsn_ncsnv2_sampler or ncsn_preview or ncsn_every_sampler_s"
 VAE_LIKELIHOOD = "vae_discretized or vae_decoder_samples or vae_iwae_bound_is or vae_rgb_coupling"
 EBM_MATH = "ebm_sgld_in or ebm_sgld_clips or ebm_replay or ebm_a_gradient or ebm_toy_energy"
@@ -82,6 +84,22 @@ MUTANTS = {"ncsn.py": [
      "resume_is_bit_identical_and and ncsn"),
     ("run_log_rows_not_purged", "a resume keeps the log rows after the checkpoint's step",
      'for r in rows if r["step"] <= step))', "for r in rows))", "crash_before and ncsn"),
+    ("run_scaler_across_precisions", "a scaler's state loaded into a scaler of another precision",
+     '    if ckpt["precision"] == str(amp_dtype(args, next(net.parameters()).device)):',
+     "    if True:", "another_precision and ncsn"),
+    ("run_moments_layout_kept", "the optimiser's moments kept in the checkpoint's memory layout",
+     "optimizer.state[p][key] = torch.empty_like(p).copy_(value)",
+     "optimizer.state[p][key] = value", "from_the_gpu and ncsn"),
+    ("run_no_lock", "the run folder not locked: two writers at once",
+     "fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass", "one_writer and ncsn"),
+    ("run_tensorboard_not_purged", "a resume keeps TensorBoard's points past the checkpoint's step",
+     "purge_step=step + 1 if step else None", "purge_step=None", "crash_before and ncsn"),
+    ("run_config_not_inherited", "a command on a RUN ignores RUN/config.json (the defaults' width)",
+     "p.set_defaults(**{k: v for k, v in saved.items() if k not in COMMANDS})", "pass",
+     "resume_is_bit and ncsn"),
+    ("ncsn_ddp_bypassed", "the step calls the network, not its DDP wrapper: ranks never average",
+     "logs, bad = train_step(model, net,", "logs, bad = train_step(net, net,",
+     "torchrun and ncsn"),
     ("ncsn_ema_no_warmup", "the EMA without its warm-up: d = decay from the first step",
      "    d = min(decay, (1 + step) / (10 + step))\n    for e, p in zip(ema.parameters(), "
      "net.parameters()):\n        e.lerp_(p, 1 - d)\n\n\ndef train_step",
@@ -136,6 +154,8 @@ MUTANTS = {"ncsn.py": [
     ("vae_lr_warmup_from_zero", "the lr warm-up starts at 0: the first step does nothing",
      "args.lr * min(1.0, (step + 1) / max(1.0, args.warmup_steps))",
      "args.lr * min(1.0, step / max(1.0, args.warmup_steps))", "vae_kl_weight_zero"),
+    ("vae_ddp_bypassed", "the step calls the network, not its DDP wrapper: ranks never average",
+     "logs, bad = train_step(model, net,", "logs, bad = train_step(net, net,", "torchrun and vae"),
 ], "ebm.py": [
     ("ebm_cd_sign", "CD loss E(x-) - E(x+): data energy pushed up",
      "energy_pos.mean() - energy_neg.mean()", "energy_neg.mean() - energy_pos.mean()",
@@ -176,6 +196,11 @@ MUTANTS = {"ncsn.py": [
     ("ebm_buffer_share_first", "a resumed rank takes the first chains whatever its rank",
      "mine = torch.arange(rank * n, (rank + 1) * n) % len(saved)",
      "mine = torch.arange(0, n) % len(saved)", "ebm_resumes_on"),
+    ("ebm_ddp_bypassed", "the step calls the network, not its DDP wrapper: ranks never average",
+     "logs, bad = train_step(model, net,", "logs, bad = train_step(net, net,", "torchrun and ebm"),
+    ("ebm_bad_not_all_reduced", "each rank counts its own bad steps: ranks may roll back apart",
+     "        dist.all_reduce(bad, op=dist.ReduceOp.MAX)", "        pass",
+     "ebm and (torchrun or another_number or rank_0 or ranks_roll)"),
 ], "common.py": [
     ("common_bpd_in_nats", "bits/dim without the ln 2 (nats per dim)",
      "nll_nats / (dims * math.log(2))", "nll_nats / dims", "bits_per_dim or vae_uniform"),
@@ -187,6 +212,47 @@ MUTANTS = {"ncsn.py": [
     ("loader_epoch_unseeded", "the data order seeded without the epoch: every epoch alike",
      "manual_seed(self.seed * 1_000_003 + epoch)", "manual_seed(self.seed * 1_000_003)",
      "device_loader_sees"),
+], "experiments/measures.py": [
+    ("probe_test_standardised_alone", "the test set standardised by its own statistics",
+     "train_x, test_x = (train_x - mean) / std, (test_x - mean) / std",
+     "train_x, test_x = (train_x - mean) / std, (test_x - test_x.mean(0)) / test_x.std(0)",
+     "linear_probe"),
+    ("probe_scored_on_training_set", "the probe scored on the images it was fitted to",
+     'return {"top1": accuracy(w, test_x, test_y)', 'return {"top1": accuracy(w, train_x, train_y)',
+     "linear_probe"),
+    ("probe_l2_chosen_on_test", "the probe's l2 chosen by its test accuracy",
+     "return accuracy(w, train_x[n:], train_y[n:])", "return accuracy(w, test_x, test_y)",
+     "linear_probe"),
+    ("auroc_tie_counts_one", "a tie counts as a win, not half", "(below + not_above).sum()",
+     "(2 * not_above).sum()", "auroc"),
+], "experiments/likelihood.py": [
+    ("likelihood_bpd_255_bins", "bits/dim with 255 bins a dimension, not 256",
+     "dims * math.log(256) - log_p", "dims * math.log(255) - log_p", "likelihood_bits"),
+    ("likelihood_dequantise_255", "dequantised points (k + u) / 255: out of their bins",
+     "(images.double() + u) / 256", "(images.double() + u) / 255", "likelihood_dequantised"),
+    ("likelihood_hutchinson_one_probe", "Hutchinson's eps^T J eps without its second eps",
+     "(eps_jacobian * probe).flatten(1).sum(1)", "eps_jacobian.flatten(1).sum(1)",
+     "likelihood_hutchinson"),
+    ("likelihood_drift_sigma", "the ODE's drift in log sigma -sigma s, not -sigma^2 s",
+     "(-sigma**2 * s).flatten()", "(-sigma * s).flatten()", "likelihood_ode"),
+    ("likelihood_divergence_sign", "the divergence integral with the wrong sign",
+     "(sigma**2 * div).double()", "(-sigma**2 * div).double()", "likelihood_ode"),
+    ("likelihood_prior_variance_sigma", "the prior's variance sigma_max, not sigma_max^2",
+     "** 2).sum(1) / sigma_max**2", "** 2).sum(1) / sigma_max", "likelihood_ode"),
+    ("mala_backward_drift_sign", "MALA's reverse proposal with the drift's sign flipped",
+     "(x - y + step * beta * grad_y)", "(x - y - step * beta * grad_y)",
+     "likelihood_mala or likelihood_ais"),
+    ("mala_box_ignored", "MALA accepts moves out of the box, where the target is 0",
+     "accept = inside & (u.log() < log_ratio)", "accept = u.log() < log_ratio",
+     "likelihood_mala or likelihood_ais"),
+    ("ais_base_unnormalised", "AIS's base density uniform but not normalised (no log volume)",
+     "(beta - beta_before) * (log_volume - e.double())", "(beta - beta_before) * (-e.double())",
+     "likelihood_ais"),
+    ("ais_log_sum_exp", "log Z as log sum w, not log mean w",
+     "torch.logsumexp(log_w, 0) - math.log(len(log_w))).item()",
+     "torch.logsumexp(log_w, 0)).item()", "likelihood_ais"),
+    ("grid_cell_area_h", "the quadrature's cell area h, not h^2", "+ 2 * math.log(h)).item()",
+     "+ math.log(h)).item()", "likelihood_ais"),
 ]}
 
 
