@@ -337,6 +337,16 @@ def test_toy_data_shapes_and_mixture_weights():
                                       indexing="ij"), -1)
     mass = toys.mixture_log_prob(grid.reshape(-1, 2)).exp().sum() * (24 / 480) ** 2
     assert abs(mass.item() - 1) < 1e-3
+    # blurred by sigma = 3 it is the data plus N(0, 9 I): mean (3, 3), total variance 2 (1 + 9) plus
+    # the modes' 2 x 0.8 x 0.2 x 10^2. Bug it catches: each mode's variance 1 + sigma (40, not 52:
+    # the likelihood ODE's drift then grows as e^sigma, and its test never ends)
+    axis = torch.linspace(-25, 25, 1001, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    p = toys.mixture_log_prob(grid, 3.0).exp() * 0.05**2
+    mean = (p[:, None] * grid).sum(0)
+    assert p.sum().item() == pytest.approx(1, abs=1e-4)
+    assert mean.tolist() == pytest.approx([3, 3], abs=1e-4)
+    assert (p * (grid - mean).pow(2).sum(1)).sum().item() == pytest.approx(52, abs=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1365,6 +1375,26 @@ def test_ncsn_inpainting_samples_the_mode_the_observation_implies():
     assert abs(blind - 0.5) < 0.05
 
 
+def test_ncsn_test_dsm_quarters_hold_the_levels_they_name():
+    """test_dsm_q1 .. q4 (logged every epoch; technique 2's exercise reads them): the loss at the
+    largest quarter of the levels down to the smallest. The score s = q / sigma in every pixel, q
+    the quarter of sigma's level counted from 0, scores 1/2 ||q + z||^2: D/2 (1 + q^2) on average,
+    1536, 3072, 7680, 15360 (measured: within 0.4%; the noise is test_metrics' own, fixed). Bug it
+    catches: test images drawn at any level, whichever quarter they are counted in (every quarter
+    then 6,570-7,480)."""
+    sigmas = ncsn.geometric_sigmas(50.0, 0.01, 8)
+
+    def score(x, sigma):
+        quarter = (sigma[:, None] == sigmas).float().argmax(1) // 2  # levels 0-1: quarter 0, ...
+        return (quarter / sigma)[:, None, None, None].expand_as(x)
+
+    images = torch.randint(0, 256, (400, 3, 32, 32), dtype=torch.uint8)
+    args, cpu = argparse.Namespace(batch_size=100), torch.device("cpu")
+    result = ncsn.test_metrics(score, images, sigmas, args, cpu, None)
+    for q in range(4):  # 100 images a quarter: standard error under 0.3%
+        assert result[f"test_dsm_q{q + 1}"] == pytest.approx(1536 * (1 + q**2), rel=0.02)
+
+
 def test_ncsn_ema_update_is_a_plain_average_outside_autograd():
     net, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2).requires_grad_(False)
     old = [p.clone() for p in ema.parameters()]
@@ -1759,6 +1789,25 @@ def test_vae_decoder_samples_follow_the_discretized_likelihood():
     x = vae.sample_mixture(params.expand(2000, -1, 1, 1), 1)
     # a bin, and s = e^-7
     assert x[:, 0].std() > 0.3 and (x[:, 1] - (0.1 + 0.5 * x[:, 0])).abs().max() < 0.02
+
+
+def test_vae_means_are_the_average_of_the_decoders_samples():
+    """E[x|z] (the previews' and --sample's means, and the FID of the means) against the average of
+    40,000 draws of p(x|z) for one pixel whose components lie inside [-1, 1] (no mass in the open
+    edge bins). Bugs it catches: G's mean without its coupling to R, the components averaged
+    without their weights."""
+    m, n = 3, 40_000
+    g = torch.Generator().manual_seed(0)
+    params = torch.randn(1, 10 * m, 1, 1, generator=g)
+    means, log_scales, coeffs = (params[0, m + i * 3 * m:m + (i + 1) * 3 * m].view(3, m)
+                                 for i in range(3))
+    means *= 0.3
+    log_scales[:] = -4.0
+    torch.manual_seed(1)
+    drawn = vae.sample_mixture(params.expand(n, -1, 1, 1), m).mean(0).flatten()
+    exact = vae.mixture_mean(params, m).flatten()
+    # measured over 8 seeds: 0.0017 at worst; with the bugs 0.02-0.15 and 0.06-0.33
+    assert (exact - drawn).abs().max() < 0.01
 
 
 def test_vae_kl_weight_zero_leaves_no_kl_gradient_and_warm_up_scales_to_the_kl_weight():

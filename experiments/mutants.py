@@ -35,10 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # and failure handling, not math (a minute or two for a model, against seconds)
 WIDE = {"ncsn.py": "ncsn", "vae.py": "vae or aasae", "ebm.py": "ebm",
         "common.py": "vae or bits", "experiments/measures.py": "probe or auroc or ood",
-        "experiments/likelihood.py": "likelihood"}
+        "experiments/likelihood.py": "likelihood", "experiments/toys.py": "toy or mixture",
+        "experiments/ncsn_inpaint.py": "inpaint"}
 NOT_WIDE = " and not (torchrun or rank_0 or one_writer or another_number or ranks_roll)"
 NCSN_SAMPLERS = "ncsn_ode_sampler or ncsn_ncsnv2_sampler or ncsn_preview or ncsn_every_sampler_s"
 VAE_LIKELIHOOD = "vae_discretized or vae_decoder_samples or vae_iwae_bound_is or vae_rgb_coupling"
+TOY_TESTS = "toy_data_shapes or likelihood_ode_matches_mixture or ncsn_toy_experiment"
 EBM_MATH = "ebm_sgld_in or ebm_sgld_clips or ebm_replay or ebm_a_gradient or ebm_toy_energy"
 # (name, bug, original snippet, mutated snippet, the tests that should catch it: pytest -k)
 MUTANTS = {"ncsn.py": [
@@ -76,6 +78,16 @@ MUTANTS = {"ncsn.py": [
     ("ncsn_reseed_without_epoch", "every epoch reseeded alike: each epoch draws the same noise",
      "rank * 10**6 + epoch)  # each", "rank * 10**6)  # each",
      "ncsn and (resume_is_bit or every_epoch)"),
+    ("ncsn_test_quarters_mixed", "the test DSM's quarters hold images at any level, not theirs",
+     "levels = (edges[quarter] + u * (edges[quarter + 1] - edges[quarter])).long()",
+     "levels = (u * len(sigmas)).long()", "ncsn_test_dsm_quarters or ncsn_sample_inpaint_and_eval"),
+    ("ncsn_variance_ratio_gamma", "technique 4's carried-over excess with gamma, not gamma^2",
+     "(1 - gamma**2 * shrink)", "(1 - gamma * shrink)", NCSN_SAMPLERS + " or ncsn_a_budget"),
+    ("ncsn_start_without_mean", "the samplers' Gaussian start without the data's mean",
+     "return lambda n: mean + (", "return lambda n: 0 * mean + (", NCSN_SAMPLERS),
+    ("ncsn_embed_off_its_ladder", "a budget gives an 'embed' network sigmas it never learned",
+     'if levels != args.num_scales and args.score_param == "embed":', "if False:",
+     "ncsn_a_budget or ncsn_every_sampler"),
     # the run section (the same text in the three files: mutated in this one)
     ("run_resume_lr_ignored", "--lr given on resume ignored: the saved optimiser's lr kept",
      '    if args.lr != ckpt["args"]["lr"]:', "    if False:", "learning_rate_given and ncsn"),
@@ -154,6 +166,12 @@ MUTANTS = {"ncsn.py": [
     ("vae_lr_warmup_from_zero", "the lr warm-up starts at 0: the first step does nothing",
      "args.lr * min(1.0, (step + 1) / max(1.0, args.warmup_steps))",
      "args.lr * min(1.0, step / max(1.0, args.warmup_steps))", "vae_kl_weight_zero"),
+    ("vae_mean_without_coupling", "E[x|z]'s G ignores its coupling to R",
+     "g = means[:, 1] + coeffs[:, 0] * r", "g = means[:, 1]",
+     "vae_means_are or vae_decoder_samples"),
+    ("vae_mean_unweighted", "E[x|z] averages the components without their weights",
+     "(weights * c).sum(1) for c in (r, g, b)", "c.mean(1) for c in (r, g, b)",
+     "vae_means_are or vae_decoder_samples"),
     ("vae_ddp_bypassed", "the step calls the network, not its DDP wrapper: ranks never average",
      "logs, bad = train_step(model, net,", "logs, bad = train_step(net, net,", "torchrun and vae"),
 ], "ebm.py": [
@@ -212,6 +230,17 @@ MUTANTS = {"ncsn.py": [
     ("loader_epoch_unseeded", "the data order seeded without the epoch: every epoch alike",
      "manual_seed(self.seed * 1_000_003 + epoch)", "manual_seed(self.seed * 1_000_003)",
      "device_loader_sees"),
+], "experiments/toys.py": [
+    ("toys_blur_variance_sigma", "the blurred mixture's variance std^2 + sigma, not + sigma^2",
+     "var = MIXTURE_STD**2 + sigma**2", "var = MIXTURE_STD**2 + sigma", TOY_TESTS),
+    ("toys_normaliser_one_dimension", "the 2-D Gaussian's normaliser written for one dimension",
+     "- torch.log(2 * math.pi * var), dim=1)", "- 0.5 * torch.log(2 * math.pi * var), dim=1)",
+     TOY_TESTS),
+], "experiments/ncsn_inpaint.py": [
+    ("inpaint_observation_not_restored", "the observed pixels left as the sampler's last state",
+     "return torch.where(mask, observed, x)", "return x", "inpaint"),
+    ("inpaint_alpha_unsquared", "Alg. 2's step size eps sigma_i / sigma_L, not squared",
+     "alpha = eps * (sigma / sigmas[-1]) ** 2", "alpha = eps * sigma / sigmas[-1]", "inpaint"),
 ], "experiments/measures.py": [
     ("probe_test_standardised_alone", "the test set standardised by its own statistics",
      "train_x, test_x = (train_x - mean) / std, (test_x - mean) / std",
