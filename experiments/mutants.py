@@ -11,7 +11,7 @@ killed: a test failed; survived: every selected test passed; error: no test ran 
 the mutant breaks the import) or they ran past --timeout. First the clean copy runs every mutant's
 tests: a kill counts only by tests that pass without the bug. The repository is never changed.
 
-    python experiments/mutants.py                   # about 20 minutes on 2 CPU cores
+    python experiments/mutants.py                   # about 22 minutes on 2 CPU cores
     python experiments/mutants.py --only 'vae_kl'   # the mutants whose names match a regex
     python experiments/mutants.py --wide --only X   # each against all its model's tests (minutes)
 
@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WIDE = {"ncsn.py": "ncsn", "vae.py": "vae or aasae", "ebm.py": "ebm",
         "common.py": "vae or bits", "experiments/measures.py": "probe or auroc or ood",
         "experiments/likelihood.py": "likelihood", "experiments/toys.py": "toy or mixture",
-        "experiments/ncsn_inpaint.py": "inpaint"}
+        "experiments/ncsn_inpaint.py": "inpaint", "experiments/ncsn_samplers.py": "ncsn",
+        "experiments/aasae.py": "aasae"}
 NOT_WIDE = " and not (torchrun or rank_0 or one_writer or another_number or ranks_roll)"
 NCSN_SAMPLERS = "ncsn_ode_sampler or ncsn_ncsnv2_sampler or ncsn_preview or ncsn_every_sampler_s"
 VAE_LIKELIHOOD = "vae_discretized or vae_decoder_samples or vae_iwae_bound_is or vae_rgb_coupling"
@@ -241,6 +242,20 @@ MUTANTS = {"ncsn.py": [
      "return torch.where(mask, observed, x)", "return x", "inpaint"),
     ("inpaint_alpha_unsquared", "Alg. 2's step size eps sigma_i / sigma_L, not squared",
      "alpha = eps * (sigma / sigmas[-1]) ** 2", "alpha = eps * sigma / sigmas[-1]", "inpaint"),
+], "experiments/ncsn_samplers.py": [
+    ("pc_corrector_noise_sqrt_step", "the corrector's noise sqrt(step), not sqrt(2 step)",
+     "(2 * step).sqrt() * z", "step.sqrt() * z", "predictor_corrector"),
+    ("pc_predictor_noise_variance", "the predictor's noise scaled by its variance, not its std",
+     "variance.sqrt() * torch.randn_like(x)", "variance * torch.randn_like(x)",
+     "predictor_corrector"),
+    ("pc_snr_unsquared", "the corrector's step (snr |z| / |s|), not its square",
+     "/ score.flatten(1).norm(dim=1).mean()) ** 2", "/ score.flatten(1).norm(dim=1).mean())",
+     "predictor_corrector"),
+], "experiments/aasae.py": [
+    ("aasae_never_jittered", "SimCLR's colour jitter never applied (p = 0.8)",
+     "< 0.8, jittered, x)", "< 0.0, jittered, x)", "aasae_views"),
+    ("aasae_crop_area_fixed", "the crop's area always the smallest, 8%",
+     "area, ratio = 0.08 + 0.92 * u()", "area, ratio = 0.08 + 0.0 * u()", "aasae_views"),
 ], "experiments/measures.py": [
     ("probe_test_standardised_alone", "the test set standardised by its own statistics",
      "train_x, test_x = (train_x - mean) / std, (test_x - mean) / std",
