@@ -2974,7 +2974,7 @@ def test_likelihood_command_line_on_a_tiny_run(model, tiny_images, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# experiments/: the EBM's precision and OOD measurements, and .ci/gpu, run at tiny size
+# experiments/: the precision and OOD measurements, and .ci/gpu, run at tiny size
 # ------------------------------------------------------------------------------------------------
 
 def test_ebm_precision_and_ood_experiments_run_on_a_trained_run(tiny_images, tmp_path):
@@ -2992,6 +2992,36 @@ def test_ebm_precision_and_ood_experiments_run_on_a_trained_run(tiny_images, tmp
     moves = result["moves"]["test images"]
     assert moves["n"] == 8 and 0 <= moves["move_abs_diff_mean"] <= 2 * 10 * 0.01
     assert math.isfinite(result["chains"]["final_abs_diff_bf16"])
+
+
+def test_ncsn_precision_experiment_runs_on_a_trained_run(tiny_images, tmp_path, capsys):
+    """experiments/ncsn_precision.py (its table is in experiments/README.md) on a tiny trained run:
+    a row of finite numbers for each of its 7 sigmas. Bug it catches: the harness left behind by a
+    change in the model file, found only when someone reruns it."""
+    from experiments import ncsn_precision
+
+    run = ncsn.main(train_args("ncsn", tiny_images, tmp_path, "--epochs", 1))
+    capsys.readouterr()
+    ncsn_precision.main([str(run), "--n", "4"])
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| sigma")]
+    assert len(rows) == 7 and all(len(row) == 9 for row in rows)
+    assert all(math.isfinite(float(cell.strip().rstrip("%"))) for row in rows for cell in row)
+
+
+def test_vae_precision_experiment_runs_on_a_trained_run(tiny_images, tmp_path):
+    """experiments/vae_precision.py (its table is in experiments/README.md) on a tiny trained run:
+    finite bits/dim for every arrangement of float32 and bf16. Bug it catches: the harness left
+    behind by a change in the model file."""
+    from experiments import vae_precision
+
+    run = vae.main(train_args("vae", tiny_images, tmp_path, "--epochs", 1))
+    vae_precision.main([str(run), "--n", "4", "--batch-size", "4", "--out",
+                        str(tmp_path / "precision.json")])
+    result = json.loads((tmp_path / "precision.json").read_text())
+    assert result["n_test"] == 4 and len(result["arrangements"]) > 1
+    assert all(math.isfinite(a["test_bpd"]) for a in result["arrangements"].values())
+    assert (tmp_path / "precision.md").exists()
 
 
 def test_gpu_check_script_runs_on_the_cpu_at_tiny_size(tmp_path):

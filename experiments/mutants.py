@@ -37,7 +37,8 @@ WIDE = {"ncsn.py": "ncsn", "vae.py": "vae or aasae", "ebm.py": "ebm",
         "common.py": "vae or bits", "experiments/measures.py": "probe or auroc or ood",
         "experiments/likelihood.py": "likelihood", "experiments/toys.py": "toy or mixture",
         "experiments/ncsn_inpaint.py": "inpaint", "experiments/ncsn_samplers.py": "ncsn",
-        "experiments/aasae.py": "aasae"}
+        "experiments/aasae.py": "aasae", "experiments/ncsn_precision.py": "ncsn_precision",
+        "experiments/vae_precision.py": "vae_precision"}
 NOT_WIDE = " and not (torchrun or rank_0 or one_writer or another_number or ranks_roll)"
 NCSN_SAMPLERS = "ncsn_ode_sampler or ncsn_ncsnv2_sampler or ncsn_preview or ncsn_every_sampler_s"
 VAE_LIKELIHOOD = "vae_discretized or vae_decoder_samples or vae_iwae_bound_is or vae_rgb_coupling"
@@ -256,6 +257,12 @@ MUTANTS = {"ncsn.py": [
      "< 0.8, jittered, x)", "< 0.0, jittered, x)", "aasae_views"),
     ("aasae_crop_area_fixed", "the crop's area always the smallest, 8%",
      "area, ratio = 0.08 + 0.92 * u()", "area, ratio = 0.08 + 0.0 * u()", "aasae_views"),
+], "experiments/ncsn_precision.py": [
+    ("ncsn_precision_stale", "the harness behind the model file: load_trained's pair read as one",
+     "net, _ = ncsn.load_trained(", "net = ncsn.load_trained(", "ncsn_precision_experiment"),
+], "experiments/vae_precision.py": [
+    ("vae_precision_stale", "the harness behind the model file: load_trained's pair read as one",
+     "net, _ = vae.load_trained(", "net = vae.load_trained(", "vae_precision_experiment"),
 ], "experiments/measures.py": [
     ("probe_test_standardised_alone", "the test set standardised by its own statistics",
      "train_x, test_x = (train_x - mean) / std, (test_x - mean) / std",
