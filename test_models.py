@@ -800,6 +800,7 @@ every = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
 dist.all_gather(every, weights)
 if dist.get_rank() == 0:
     print("ranks agree" if all(torch.equal(w, weights) for w in every) else "ranks differ")
+dist.barrier()  # (no rank tears down while another still talks: an abort at exit, 1 run in 6)
 dist.destroy_process_group()
 """
 
