@@ -786,6 +786,7 @@ def test_a_run_folder_has_one_writer_at_a_time(trained, tiny_images, tmp_path):
 
 
 RANKS_AGREE = """
+import os
 import sys
 sys.path.insert(0, sys.argv[1])
 import torch
@@ -800,8 +801,10 @@ every = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
 dist.all_gather(every, weights)
 if dist.get_rank() == 0:
     print("ranks agree" if all(torch.equal(w, weights) for w in every) else "ranks differ")
-dist.barrier()  # (no rank tears down while another still talks: an abort at exit, 1 run in 6)
+dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()  # then no interpreter teardown: it aborts a finished job now and then (SIGABRT,
+os._exit(0)  # "terminate called without an active exception"), which is not what this checks
 """
 
 
