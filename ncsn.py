@@ -322,7 +322,7 @@ def test_metrics(net, images, sigmas, args, device, dtype):
 def preview_args(args):
     """The previews' sampler: the probability-flow ODE at 50 network evaluations (an 'embed'
     network: its own levels at most), which draws a Gaussian's spread within 2% (tested)."""
-    nfe = min(50, 2 * args.num_scales - 2 + int(args.denoise))
+    nfe = min(50, network_evaluations("ode", args.num_scales, 1, args.denoise))
     return argparse.Namespace(**{**vars(args), "sampler": "ode", "nfe": nfe})
 
 
