@@ -142,8 +142,8 @@ def settings(sampler, sigma_max, nfe=None, num_scales=232):
     sigmas, steps, eps = ncsn.sampler_levels(args)
     if sampler == "pc" and nfe is not None:
         sigmas = ncsn.geometric_sigmas(sigma_max, args.sigma_min, (nfe + 1) // 2)
-    cost = {"ald": len(sigmas) * steps, "pc": 2 * len(sigmas) - 1,
-            "ode": 2 * len(sigmas) - 2}[sampler]
+    cost = 2 * len(sigmas) - 1 if sampler == "pc" else \
+        ncsn.network_evaluations(sampler, len(sigmas), steps, denoise=False)
     return sampler, sigmas, steps, eps, cost
 
 
