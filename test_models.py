@@ -39,6 +39,7 @@ from experiments import (
     measures,
     ncsn_inpaint,
     ncsn_samplers,
+    ncsn_techniques,
     toys,
 )
 
@@ -1280,10 +1281,22 @@ def test_ncsn_ncsnv2_sampler_settings_reach_the_spread_technique_4_predicts():
     whose excess variance carries over from level to level (std 1.062 x the truth; NCSNv2's own
     formula assumes every level starts in equilibrium and predicts 1.027), and langevin_eps gives a
     step that shrinks that bias. Bugs it catches (injected, failed): the noise sqrt(2 alpha) written
-    sqrt(alpha) (spread 0.75), alpha not scaled by sigma_i^2 / sigma_L^2; and a mean not reached."""
+    sqrt(alpha) (spread 0.75), alpha not scaled by sigma_i^2 / sigma_L^2; and a mean not reached.
+    NCSNv2's formula, as experiments/ncsn_techniques.py prints it in its table, is checked against
+    the paper's own writing of it (Song & Ermon 2020, technique 4):
+    (1 - eps / sigma_L^2)^(2T) (gamma^2 - 2 eps / (sigma_L^2 - sigma_L^2 (1 - eps / sigma_L^2)^2))
+    + 2 eps / (sigma_L^2 - sigma_L^2 (1 - eps / sigma_L^2)^2)."""
     sigmas = ncsn.geometric_sigmas(50, 0.01, 232)
     gamma = (sigmas[0] / sigmas[1]).item()
     predicted = ncsn.langevin_variance_ratio(6.2e-6, 5, gamma, 0.01) ** 0.5
+    for eps, steps in ((6.2e-6, 5), (6.2e-5, 5), (2e-5, 100)):
+        a, s2 = 1 - eps / 0.01**2, 0.01**2
+        c = 2 * eps / (s2 - s2 * a**2)
+        paper = a ** (2 * steps) * (gamma**2 - c) + c
+        assert ncsn_techniques.ncsnv2_variance_ratio(eps, steps, gamma, 0.01) == \
+            pytest.approx(paper)
+    assert ncsn_techniques.ncsnv2_variance_ratio(6.2e-6, 5, gamma, 0.01) ** 0.5 == \
+        pytest.approx(1.027, abs=0.001)
     # the defaults: NCSNv2's sampler
     mean_error, tight, wide, nfe = sample_gaussian(["--no-denoise"])
     assert nfe == 1160 and ncsn.sampler_levels(ncsn.parse_args([]))[2] == 6.2e-6

@@ -38,6 +38,7 @@ WIDE = {"ncsn.py": "ncsn", "vae.py": "vae or aasae", "ebm.py": "ebm",
         "experiments/likelihood.py": "likelihood", "experiments/toys.py": "toy or mixture",
         "experiments/ncsn_inpaint.py": "inpaint", "experiments/ncsn_samplers.py": "ncsn",
         "experiments/aasae.py": "aasae", "experiments/ncsn_precision.py": "ncsn_precision",
+        "experiments/ncsn_techniques.py": "ncsnv2_sampler_settings",
         "experiments/vae_precision.py": "vae_precision"}
 NOT_WIDE = " and not (torchrun or rank_0 or one_writer or another_number or ranks_roll)"
 NCSN_SAMPLERS = "ncsn_ode_sampler or ncsn_ncsnv2_sampler or ncsn_preview or ncsn_every_sampler_s"
@@ -260,6 +261,11 @@ MUTANTS = {"ncsn.py": [
 ], "experiments/ncsn_precision.py": [
     ("ncsn_precision_stale", "the harness behind the model file: load_trained's pair read as one",
      "net, _ = ncsn.load_trained(", "net = ncsn.load_trained(", "ncsn_precision_experiment"),
+], "experiments/ncsn_techniques.py": [
+    ("technique4_a_to_the_t", "NCSNv2's ratio with (1 - b)^T, not (1 - b)^(2T)",
+     "(1 - b) ** (2 * steps)", "(1 - b) ** steps", "ncsnv2_sampler_settings"),
+    ("technique4_c_dropped", "NCSNv2's ratio without its stationary term c",
+     "* (gamma**2 - c) + c", "* gamma**2", "ncsnv2_sampler_settings"),
 ], "experiments/vae_precision.py": [
     ("vae_precision_stale", "the harness behind the model file: load_trained's pair read as one",
      "net, _ = vae.load_trained(", "net = vae.load_trained(", "vae_precision_experiment"),
