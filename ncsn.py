@@ -600,7 +600,10 @@ def setup_device(args):
     if name == "cuda":  # (TF32 stays off: what runs in float32 is meant to)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN may pick its fastest kernels
-    if world > 1:
+    if world > 1:  # (torch.distributed.nn before the group: its functions' defaults, group=WORLD,
+        # would hold the group past destroy_process_group if DDP imported it later, and gloo's
+        # threads, alive at exit, abort a finished run now and then)
+        importlib.import_module("torch.distributed.nn")
         dist.init_process_group("nccl" if name == "cuda" else "gloo",
                                 device_id=device if name == "cuda" else None)
     return device, rank, world

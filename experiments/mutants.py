@@ -222,6 +222,9 @@ MUTANTS = {"ncsn.py": [
     ("ebm_bad_not_all_reduced", "each rank counts its own bad steps: ranks may roll back apart",
      "        dist.all_reduce(bad, op=dist.ReduceOp.MAX)", "        pass",
      "ebm and (torchrun or another_number or rank_0 or ranks_roll)"),
+    ("ebm_group_kept_alive", "torch.distributed.nn imported after the group (by DDP): its threads "
+     "outlive destroy_process_group and can abort the exit",
+     '        importlib.import_module("torch.distributed.nn")\n', "", "torchrun and ebm"),
 ], "common.py": [
     ("common_bpd_in_nats", "bits/dim without the ln 2 (nats per dim)",
      "nll_nats / (dims * math.log(2))", "nll_nats / dims", "bits_per_dim or vae_uniform"),
