@@ -1,8 +1,8 @@
 """Finished two-process torchrun jobs that still fail at exit: experiments/README.md's "A finished
 torchrun job that aborted at exit".
 
-    OMP_NUM_THREADS=1 python -m experiments.torchrun_exit ebm --rounds 20 --jobs 4
-    OMP_NUM_THREADS=1 python -m experiments.torchrun_exit ebm --rounds 20 --jobs 4 --root OLD
+    OMP_NUM_THREADS=1 python -m experiments.torchrun_exit ebm --rounds 12 --jobs 4
+    OMP_NUM_THREADS=1 python -m experiments.torchrun_exit ebm --rounds 12 --jobs 4 --root OLD
 
 First one job of the model file runs through a wrapper that ends as its __main__ does (main,
 then destroy_process_group) and prints how many of gloo's threads each process still has (Linux:
@@ -48,7 +48,7 @@ def torchrun(args, out, name, epochs, wrapper=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", choices=sorted(TINY))
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--jobs", type=int, default=4, help="torchrun jobs at once in a round")
     p.add_argument("--root", type=Path, default=ROOT, help="the checkout whose model file runs")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "torchrun_exit")
