@@ -788,11 +788,11 @@ def test_a_run_folder_has_one_writer_at_a_time(trained, tiny_images, tmp_path):
 
 RANKS_AGREE = """
 import sys
-from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
 import torch.distributed as dist
 import {model} as module
+from experiments.torchrun_exit import gloo_threads_left
 {patch}
 built, build = [], module.build
 module.build = lambda *args: built.append(build(*args)) or built[-1]  # keeps the network
@@ -802,9 +802,8 @@ every = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
 dist.all_gather(every, weights)
 if dist.get_rank() == 0:
     print("ranks agree" if all(torch.equal(w, weights) for w in every) else "ranks differ")
-dist.destroy_process_group()  # gloo's threads end with it (on Linux, /proc lists them)
-tasks = [t / "comm" for t in Path("/proc/self/task").glob("*")]
-print(f"gloo threads left: {{sum('gloo' in t.read_text() for t in tasks)}}")
+dist.destroy_process_group()  # gloo's threads end with it
+print(f"gloo threads left: {{gloo_threads_left()}}")
 """
 
 

@@ -24,15 +24,21 @@ from experiments.fault_matrix import ROOT, TINY, write_images
 
 THREADS_LEFT = """
 import sys
-from pathlib import Path
-sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, {here!r})
+from experiments.torchrun_exit import gloo_threads_left
+sys.path.insert(0, sys.argv[1])  # the model file of --root, and its common.py
 import torch.distributed as dist
 import {model} as module
 module.main(sys.argv[2:])
 dist.destroy_process_group()
-tasks = [t / "comm" for t in Path("/proc/self/task").glob("*")]
-print(f"gloo threads left: {{sum('gloo' in t.read_text() for t in tasks)}}")
+print(f"gloo threads left: {{gloo_threads_left()}}")
 """
+
+
+def gloo_threads_left():
+    """How many of gloo's threads this process still has (Linux's /proc names them; 0 elsewhere).
+    The torchrun test counts them with this too."""
+    return sum("gloo" in comm.read_text() for comm in Path("/proc/self/task").glob("*/comm"))
 
 
 def torchrun(args, out, name, epochs, wrapper=None):
@@ -56,7 +62,7 @@ def main(argv=None):
     out = args.out / args.model / args.root.resolve().name
     shutil.rmtree(out, ignore_errors=True)
     write_images(out / "images")
-    (out / "threads_left.py").write_text(THREADS_LEFT.format(model=args.model))
+    (out / "threads_left.py").write_text(THREADS_LEFT.format(here=str(ROOT), model=args.model))
     stdout, _ = torchrun(args, out, "threads", 1, out / "threads_left.py").communicate(timeout=600)
     print(" / ".join(line for line in stdout.splitlines() if "threads left" in line), flush=True)
     failed, aborted = 0, 0
