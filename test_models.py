@@ -235,6 +235,33 @@ def test_split_is_seeded_and_cache_follows_the_folder(tmp_path):
     assert len(list((cache / "cache").glob("*.pt"))) == 2  # a changed folder gets a new cache entry
 
 
+def test_a_folder_is_shuffled_with_its_labels_centre_cropped_and_recached_when_a_file_changes(
+        tmp_path):
+    """Bugs it catches: images kept in class order (the first N of --limit-train all one class),
+    labels not shuffled with their images, a crop from the corner instead of the centre, and a
+    cache key blind to a file rewritten at the same size (its stale decoded copy read again)."""
+    from PIL import Image
+
+    for cls, value in (("dark", 20), ("light", 230)):  # flat images: the class shows in the pixels
+        (tmp_path / "flat" / cls).mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (32, 32), (value + i,) * 3).save(tmp_path / "flat" / cls / f"{i}.bmp")
+    split = common.load_split(str(tmp_path / "flat"), str(tmp_path / "root"), "train")
+    light = split["images"].float().mean((1, 2, 3)) > 128
+    assert torch.equal(light, split["labels"] == split["classes"].index("light"))
+    assert 0 < light[:10].sum() < 10  # the first ten images hold both classes
+    bands = np.zeros((32, 64, 3), np.uint8)  # red, green, blue columns 0-15, 16-47, 48-63
+    bands[:, :16, 0], bands[:, 16:48, 1], bands[:, 48:, 2] = 255, 255, 255
+    Image.fromarray(bands).save(tmp_path / "bands.png")
+    assert (common._to_32x32(tmp_path / "bands.png") == [0, 255, 0]).all()  # the centre, all green
+    path = tmp_path / "flat" / "dark" / "0.bmp"  # rewritten: the same size, other pixels
+    Image.new("RGB", (32, 32), (99,) * 3).save(path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    again = common.load_split(str(tmp_path / "flat"), str(tmp_path / "root"), "train")["images"]
+    assert len(list((tmp_path / "root" / "cache").glob("*.pt"))) == 2
+    assert (again == 99).any() and not (split["images"] == 99).any()
+
+
 def test_missing_empty_and_file_paths_are_clear_errors(tmp_path):
     with pytest.raises(common.UserError, match="no such folder"):
         common.load_images(str(tmp_path / "nope"), str(tmp_path), "train")
@@ -392,6 +419,13 @@ def test_metric_pipeline_offline_scores_itself_near_zero_and_shifted_worse(tiny_
     assert abs(same["fid"]) < 1e-6 and shifted["fid"] > 0.01
     assert shifted["kid_mean"] > same["kid_mean"] and same["is_mean"] >= 1.0
     assert list((tmp_path / "fidelity_cache").iterdir())  # reference statistics were cached
+    # another dataset under the same --data-root gets its own reference statistics, not these
+    write_images(tmp_path / "other" / "train", 32, seed=7)
+    write_images(tmp_path / "other" / "test", 4, seed=8)
+    other = common.load_images(str(tmp_path / "other"), str(tmp_path), "train").float() / 255
+    itself = common.generative_metrics(other, str(tmp_path / "other"), str(tmp_path),
+                                       extractor="tiny-random")
+    assert abs(itself["fid"]) < 1e-6 and itself["n_reference"] == 32
     with pytest.raises(common.UserError, match="--fid-extractor no-such-net"):
         common.check_metrics(len(train), "no-such-net")
 
@@ -525,6 +559,9 @@ def test_explore_and_the_data_loader_benchmark(tiny_images, tmp_path):
     stats = json.loads((tmp_path / "x" / "stats.json").read_text())
     assert (stats["images_per_class"] == {"blobs_a": 32, "blobs_b": 32}
             and "channel mean" in out.stdout)
+    x = common.load_images(str(tiny_images), str(tmp_path), "train").float() / 255
+    assert stats["channel_mean"] == pytest.approx(x.mean((0, 2, 3)).tolist(), abs=1e-6)
+    assert stats["channel_std"] == pytest.approx(x.std((0, 2, 3)).tolist(), abs=1e-6)
     for name in ("class_counts.png", "pixel_histograms.png", "examples.png", "mean_image.png"):
         assert (tmp_path / "x" / name).exists()
     bench = run_script("experiments/bench_data.py", "--data", tiny_images, "--data-root", tmp_path,
@@ -2545,6 +2582,40 @@ def test_ebm_chains_measures_have_known_answers():
     assert blobbed["origin"] == pytest.approx(0.5, abs=0.01) and blobbed["tv"] > 0.45
 
 
+def test_ebm_chains_locations_coverage_and_sample_measures_have_known_answers():
+    # bugs this catches: a mode's shift not measured in data stds, "covered" requiring a mode's
+    # full weight (or half) instead of a quarter, the samples' mode shares taken over all points
+    # (off-mode ones too), and a point inside the smallest ring or outside the largest measured
+    # from a ring of radius 0 or 4, which does not exist
+    points, _ = ebm_chains.grid(200)
+    p = ebm_chains.true_density("8gaussians", points)
+    shifted = ebm_chains.true_density("8gaussians", points - torch.tensor([0.05, 0.0]).double())
+    # every mode moves by 0.05 = 1/3 of a std (a little less: the 4-std regions cut its tails)
+    assert ebm_chains.compare("8gaussians", shifted, points)["location_std"] == pytest.approx(
+        1 / 3, abs=0.01)
+    region, _ = ebm_chains.mode_regions("8gaussians", points)
+    # mode 0 at weight w against 1 for the others holds w / (7 + w) of the modes' mass: covered
+    # (a quarter of 1/8 at least) from w = 7/31 = 0.226; a heavier mode leaves the others covered
+    assert [ebm_chains.compare("8gaussians", p * torch.where(region == 0, w, 1.0), points)[
+        "covered"] for w in (0.2, 0.3, 2.0)] == [7, 8, 8]
+    angle = torch.arange(8, dtype=torch.float64) * math.pi / 4
+    centres = 2 * torch.stack([angle.cos(), angle.sin()], 1)
+    # 30 points on mode 0, 10 on each other, 20 at the origin (13 stds from every centre)
+    samples = torch.cat([centres[:1].repeat(30, 1), centres[1:].repeat_interleave(10, 0),
+                         torch.zeros(20, 2, dtype=torch.float64)])
+    measured = ebm_chains.compare_samples("8gaussians", samples)
+    # the modes' shares 0.3 and 7 x 0.1 against 1/8 each: (0.175 + 7 x 0.025) / 2
+    assert measured["samples_weight_tv"] == pytest.approx(0.175)
+    assert measured["samples_off_mode"] == pytest.approx(1 / 6)
+    assert measured["samples_far"] == pytest.approx(1 / 6)
+    # 12 points on each ring, 6 at radius 0.2 and 6 at 3.8: 10 ring stds (0.08) from the rings
+    circle = torch.stack([angle.cos(), angle.sin()], 1).repeat(2, 1)[:12]
+    rings = torch.cat([circle, 2 * circle, 3 * circle, 0.2 * circle[:6], 3.8 * circle[:6]])
+    measured = ebm_chains.compare_samples("rings", rings)
+    assert measured["samples_weight_tv"] < 1e-6
+    assert measured["samples_off_mode"] == measured["samples_far"] == pytest.approx(0.25)
+
+
 def test_ebm_chains_experiment_runs_at_a_tiny_size_with_equal_negatives_and_updates(tmp_path):
     results = ebm_chains.main(["--iterations", "30", "--seeds", "1", "--grid", "30",
                                "--out", str(tmp_path), "--figure", str(tmp_path / "chains.png")])
@@ -2969,6 +3040,35 @@ def test_likelihood_ais_on_the_ebm_toy_matches_quadrature():
     log_w, _, acceptance = likelihood.ais(energy, start, betas, (-half_width, half_width), 0.03, g)
     assert 0.3 < acceptance < 0.95
     assert abs(likelihood.log_mean_exp(log_w) - log_z) < 0.3
+
+
+def test_likelihood_rows_turn_known_densities_into_their_bits_per_dim(tiny_images, tmp_path,
+                                                                     monkeypatch):
+    """Bugs it catches in the rows' glue: the VAE's bound in nats per dimension (no ln 2), the
+    EBM's log Z added instead of subtracted, NCSN's ODE run from the pixels k / 255 instead of the
+    dequantised points (k + u) / 256, and the held-out images taken from the training split. Each
+    model's loader is replaced by a density whose bits/dim are known."""
+    args, dims = argparse.Namespace(data=str(tiny_images), data_root=str(tmp_path)), 3072
+    # VAE: the uniform distribution over the 256 levels of every subpixel: 8 bits/dim exactly
+    monkeypatch.setattr(likelihood, "load_vae", lambda run, device: (
+        lambda images, k: torch.full((len(images),), -dims * math.log(256)), args))
+    row = likelihood.vae_row(tmp_path, 4, 2, 2, "cpu")
+    assert row["n"] == 4 and row["bits_per_dim"] == pytest.approx(8)
+    # EBM: E = 3072 everywhere, so Z = exp(-3072) on the unit cube and p is uniform: 8 bits/dim
+    monkeypatch.setattr(likelihood, "load_ebm", lambda run, device: (
+        lambda x: 0 * x.flatten(1).sum(1) + dims, args))
+    row = likelihood.ebm_row(tmp_path, 4, 5, 8, 2, 0.01, 2, "cpu")
+    assert row["log_z"] == pytest.approx(-dims) and row["bits_per_dim"] == pytest.approx(8)
+    # NCSN: the score of N(0, 0.01 I): the closed form at the same dequantised test images (the
+    # ODE within 0.001 bits/dim, measured; pixels k / 255 instead: 0.05 away)
+    monkeypatch.setattr(likelihood, "load_ncsn", lambda run, device: (
+        likelihood.gaussian_score(0.0, 0.01), 0.01, 50.0, args))
+    row = likelihood.ncsn_row(tmp_path, 4, 4, "cpu")
+    x = likelihood.dequantise(common.load_images(str(tiny_images), str(tmp_path), "test")[:4],
+                              torch.Generator().manual_seed(0))
+    log_p = likelihood.gaussian_log_prob(x, 0.0, torch.tensor(0.01), 0.01)
+    expected = likelihood.bits_per_dim_from_density(log_p).mean().item()
+    assert row["bits_per_dim"] == pytest.approx(expected, abs=0.01)
 
 
 @pytest.mark.parametrize("model", ["ncsn", "ebm", "vae"])

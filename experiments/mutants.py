@@ -39,11 +39,14 @@ WIDE = {"ncsn.py": "ncsn", "vae.py": "vae or aasae", "ebm.py": "ebm",
         "experiments/ncsn_inpaint.py": "inpaint", "experiments/ncsn_samplers.py": "ncsn",
         "experiments/aasae.py": "aasae", "experiments/ncsn_precision.py": "ncsn_precision",
         "experiments/ncsn_techniques.py": "ncsnv2_sampler_settings",
-        "experiments/vae_precision.py": "vae_precision"}
+        "experiments/vae_precision.py": "vae_precision", "experiments/ebm_chains.py": "ebm_chains"}
 NOT_WIDE = " and not (torchrun or rank_0 or one_writer or another_number or ranks_roll)"
 NCSN_SAMPLERS = "ncsn_ode_sampler or ncsn_ncsnv2_sampler or ncsn_preview or ncsn_every_sampler_s"
 VAE_LIKELIHOOD = "vae_discretized or vae_decoder_samples or vae_iwae_bound_is or vae_rgb_coupling"
 TOY_TESTS = "toy_data_shapes or likelihood_ode_matches_mixture or ncsn_toy_experiment"
+DATA = ("a_folder_is_shuffled or split_is_seeded or metric_pipeline or explore_and or "
+        "odd_images")
+CHAINS = "ebm_chains_measures or ebm_chains_locations"
 EBM_MATH = "ebm_sgld_in or ebm_sgld_clips or ebm_replay or ebm_a_gradient or ebm_toy_energy"
 # (name, bug, original snippet, mutated snippet, the tests that should catch it: pytest -k)
 MUTANTS = {"ncsn.py": [
@@ -236,6 +239,23 @@ MUTANTS = {"ncsn.py": [
     ("loader_epoch_unseeded", "the data order seeded without the epoch: every epoch alike",
      "manual_seed(self.seed * 1_000_003 + epoch)", "manual_seed(self.seed * 1_000_003)",
      "device_loader_sees"),
+    ("data_key_without_mtime", "the cache key ignores when a file changed: an image rewritten at "
+     "the same size keeps its stale decoded copy", "|{st.st_size}|{st.st_mtime_ns}",
+     "|{st.st_size}", DATA),
+    ("hold_out_unseeded", "the 5% hold-out drawn afresh for each split: test images leak into "
+     "training", "torch.randperm(len(files), generator=torch.Generator().manual_seed(0))",
+     "torch.randperm(len(files))", DATA),
+    ("decode_unshuffled", "a folder's images kept in class order: --limit-train N sees one class",
+     "torch.randperm(len(images), generator=torch.Generator().manual_seed(0))",
+     "torch.arange(len(images))", DATA),
+    ("labels_out_of_step", "the images shuffled but not their labels",
+     "torch.tensor(labels)[order]", "torch.tensor(labels)", DATA),
+    ("crop_not_centred", "the crop to 32x32 from the corner, not the centre",
+     "left, top = (w - 32) // 2, (h - 32) // 2", "left, top = 0, 0", DATA),
+    ("fid_cache_shared", "every dataset's reference statistics cached under one name",
+     'input2_cache_name=data_key(data, "train"),', 'input2_cache_name="train",', DATA),
+    ("explore_mean_over_rows", "the exploration's channel means taken over rows, not channels",
+     "x.mean((0, 2, 3)).tolist()", "x.mean((0, 1, 3)).tolist()", DATA),
 ], "experiments/toys.py": [
     ("toys_blur_variance_sigma", "the blurred mixture's variance std^2 + sigma, not + sigma^2",
      "var = MIXTURE_STD**2 + sigma**2", "var = MIXTURE_STD**2 + sigma", TOY_TESTS),
@@ -311,8 +331,33 @@ MUTANTS = {"ncsn.py": [
     ("ais_log_sum_exp", "log Z as log sum w, not log mean w",
      "torch.logsumexp(log_w, 0) - math.log(len(log_w))).item()",
      "torch.logsumexp(log_w, 0)).item()", "likelihood_ais"),
+    ("likelihood_vae_row_nats", "the VAE's row in nats per dimension: no ln 2",
+     "bits = -log_p / (IMAGE_DIMS * math.log(2))", "bits = -log_p / IMAGE_DIMS", "likelihood_rows"),
+    ("likelihood_ebm_log_z_sign", "the EBM's row adds log Z instead of subtracting it",
+     "bits_per_dim_from_density(-e - log_z)", "bits_per_dim_from_density(-e + log_z)",
+     "likelihood_rows"),
+    ("likelihood_ncsn_pixels", "NCSN's ODE run from the pixels k / 255, not dequantised points",
+     "x = dequantise(batch, g).float().to(device)", "x = (batch.double() / 255).float().to(device)",
+     "likelihood_rows"),
+    ("likelihood_held_out_train", "the held-out images taken from the training split",
+     'common.load_images(args.data, args.data_root, "test")[:n]',
+     'common.load_images(args.data, args.data_root, "train")[:n]', "likelihood_rows"),
     ("grid_cell_area_h", "the quadrature's cell area h, not h^2", "+ 2 * math.log(h)).item()",
      "+ math.log(h)).item()", "likelihood_ais"),
+], "experiments/ebm_chains.py": [
+    ("chains_ring_density_unscaled", "the rings' density with I0, not the scaled i0e: no longer a "
+     "density", "torch.special.i0e(radius * k / var)", "torch.special.i0(radius * k / var)",
+     CHAINS),
+    ("chains_location_not_in_stds", "a mode's shift in data units, not in the data's stds",
+     "location.append((where[0] - where[1]).norm().item() / STD[name])",
+     "location.append((where[0] - where[1]).norm().item())", CHAINS),
+    ("chains_covered_full_weight", "a mode covered only at its full weight, not a quarter of it",
+     "(q_modes >= p_modes / 4)", "(q_modes >= p_modes)", CHAINS),
+    ("chains_sample_shares_over_all", "the samples' mode shares taken over every point, off-mode "
+     "ones too", "in_modes = counts[:-1] / counts[:-1].sum().clamp(min=1)",
+     "in_modes = counts[:-1] / counts.sum()", CHAINS),
+    ("chains_ring_radius_unclamped", "a point's distance to a ring of radius 0 or 4, which does "
+     "not exist", "radius.round().clamp(1, 3)", "radius.round()", CHAINS),
 ]}
 
 
