@@ -3096,6 +3096,34 @@ def test_likelihood_command_line_on_a_tiny_run(model, tiny_images, tmp_path):
 # experiments/: the precision and OOD measurements, and .ci/gpu, run at tiny size
 # ------------------------------------------------------------------------------------------------
 
+def test_harness_children_name_their_failure_and_the_laptop_report_keeps_recorded_rows(
+        tiny_images, tmp_path, monkeypatch, capsys):
+    """Bugs it catches: a harness's child that fails with its output thrown away (a run recorded
+    as 'exit 256', the reason lost), and ncsn_laptop's report crashing in a clone that lacks the
+    run folders its record names instead of keeping their recorded scores."""
+    from experiments import equal_time, ncsn_laptop
+
+    proc = equal_time.launch(["-c", "import sys; print('busy'); sys.exit('ncsn.py: error: why')"],
+                             tmp_path / "child.log")
+    assert equal_time.exit_code(os.wait4(proc.pid, 0)[1], tmp_path / "child.log") == 1
+    assert "failed (exit 1): ncsn.py: error: why" in capsys.readouterr().err
+    recorded = {"run": "runs/gone-fast", "steps": 500, "cpu_seconds": 872.0, "outside_0_1": 0.754,
+                "pixel_w1": 0.231, "spectrum_log_ratio": 1.17, "q1_by_epoch": [1538.7, 17.5, 4.7],
+                "test_dsm_by_epoch": [1536.0, 150.0, 140.4]}
+    (tmp_path / "laptop.json").write_text(json.dumps(
+        {"fast": recorded, "sigma10": {"run": "runs/gone-sigma10", "steps": 500,
+                                       "cpu_seconds": 737.0}}))
+    monkeypatch.setattr(ncsn_laptop, "ROOT", tmp_path)
+    monkeypatch.setattr(ncsn_laptop, "JPEG", str(tiny_images))
+    ncsn_laptop.report(record_path=tmp_path / "laptop.json", figure=tmp_path / "laptop.png")
+    table = (tmp_path / "laptop.md").read_text().splitlines()
+    assert len(table) == 4  # the header, its rule, fast's recorded row, the test images' row
+    assert table[2] == ("| lr 1e-3, EMA 0.99 | 500 | 872 | 17.5 / 4.7 | 140.4 | 0.754 | 0.231 | "
+                        "1.17 |")
+    assert "sigma10: runs/gone-sigma10 is not here and has no scores" in capsys.readouterr().out
+    assert (tmp_path / "laptop.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_ebm_precision_and_ood_experiments_run_on_a_trained_run(tiny_images, tmp_path):
     from experiments import ebm_ood, ebm_precision
 

@@ -11,8 +11,11 @@ model's CPU seconds per training step in this process (its own build and train_s
 experiments/bench.py does), gives it the whole epochs that fill the budget, runs the three scripts
 (OMP_NUM_THREADS=1) and records the CPU seconds each really used (its rusage: evaluation and
 previews included) in experiments/results/equal_time.json. `likelihood` runs
-experiments/likelihood.py on each run (the same 100 test images for all three) and records its
-CPU seconds too. NCSN uses the laptop recipe of experiments/ncsn_laptop.py.
+experiments/likelihood.py on each run (the same --n test images for all three) and records its
+CPU seconds too (the defaults, 100 images, IWAE K = 1000 and AIS 1000 x 100, take about an hour on
+one thread; `likelihood --n 2 --iw-samples 10 --ais-steps 10 --chains 4` is a quick look). NCSN uses
+the laptop recipe of experiments/ncsn_laptop.py. A child that fails prints its last line and leaves
+its whole output in runs/equal-time_*.log.
 """
 
 import argparse
@@ -44,8 +47,6 @@ CONFIGS = {  # model -> (flags, training images)
     "ebm": (["--width", "16", "--sgld-steps", "20", "--batch-size", "64", "--lr", "1e-3",
              "--log-every", "20"], 6400),
 }
-LIKELIHOOD = {"ncsn": [], "vae": ["--iw-samples", "1000"],
-              "ebm": ["--ais-steps", "1000", "--chains", "100"]}
 
 
 def cpu_seconds_per_step(model, steps=3):
@@ -63,14 +64,30 @@ def cpu_seconds_per_step(model, steps=3):
     return (time.process_time() - start) / steps, args.batch_size
 
 
-def launch(model, cmd):
-    return subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def launch(cmd, log):
+    """`python cmd` in a child process on one thread; what it prints goes to the file log."""
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=f,
+                                stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def exit_code(status, log):
+    """A child's exit code from os.wait4's status; if it failed, its last line (the reason)."""
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        lines = Path(log).read_text(errors="replace").strip().splitlines()
+        print(f"failed (exit {code}): {lines[-1] if lines else 'no output'} (all of it: {log})",
+              file=sys.stderr, flush=True)
+    return code
 
 
 def shown(cmd):
-    return ("OMP_NUM_THREADS=1 python " + " ".join(map(str, cmd))).replace(JPEG, "$JPEG") \
-        .replace(str(ROOT) + "/", "")
+    """A command as the record shows it: $JPEG for the data folder, paths from the repository."""
+    text = "OMP_NUM_THREADS=1 python " + " ".join(map(str, cmd))
+    text = text.replace(JPEG, "$JPEG") if "JPEG" in os.environ else text
+    return text.replace(str(ROOT) + "/", "")
 
 
 def train(budget, parallel):
@@ -88,7 +105,8 @@ def train(budget, parallel):
             pid, status, usage = os.wait4(-1, 0)  # the child's own CPU seconds
             done(record, running, pid, status, usage)
         before = set((ROOT / "runs").glob(f"{model}__equal-time__*"))
-        running.append((launch(model, cmd), model, cmd, per_step, epochs, before, time.time()))
+        log = ROOT / "runs" / f"equal-time_{model}.log"
+        running.append((launch(cmd, log), model, cmd, per_step, epochs, before, time.time(), log))
     while running:
         pid, status, usage = os.wait4(-1, 0)
         done(record, running, pid, status, usage)
@@ -97,8 +115,9 @@ def train(budget, parallel):
 def done(record, running, pid, status, usage):
     job = next(j for j in running if j[0].pid == pid)
     running.remove(job)
-    _, model, cmd, per_step, epochs, before, start = job
+    _, model, cmd, per_step, epochs, before, start, log = job
     run = sorted(set((ROOT / "runs").glob(f"{model}__equal-time__*")) - before)
+    status = exit_code(status, log)
     record[model] = {"run": str(run[-1].relative_to(ROOT)) if run else None, "exit_status": status,
                      "epochs": epochs, "cpu_seconds_per_step": per_step,
                      "cpu_seconds": usage.ru_utime + usage.ru_stime,
@@ -109,13 +128,22 @@ def done(record, running, pid, status, usage):
           flush=True)
 
 
-def likelihood():
+def likelihood(n, iw_samples, ais_steps, chains):
     record = json.loads(RECORD.read_text())
+    asked = {"ncsn": [], "vae": ["--iw-samples", iw_samples],
+             "ebm": ["--ais-steps", ais_steps, "--chains", chains]}
     for model in CONFIGS:
-        cmd = ["-m", "experiments.likelihood", model, record[model]["run"], "--n", "100",
-               "--device", "cpu", *LIKELIHOOD[model]]
-        proc = launch(model, cmd)
+        if not record.get(model, {}).get("run"):
+            print(f"{model}: no finished run in the record (train first)", file=sys.stderr)
+            continue
+        cmd = ["-m", "experiments.likelihood", model, record[model]["run"], "--n", n,
+               "--device", "cpu", *asked[model]]
+        log = ROOT / "runs" / f"equal-time_{model}_likelihood.log"
+        proc = launch(cmd, log)
         _, status, usage = os.wait4(proc.pid, 0)
+        status = exit_code(status, log)
+        if status:
+            continue
         row = json.loads((ROOT / record[model]["run"] / "likelihood.json").read_text())
         record[model]["likelihood"] = {**row, "cpu_seconds": usage.ru_utime + usage.ru_stime,
                                        "exit_status": status, "command": shown(cmd)}
@@ -129,12 +157,16 @@ def main(argv=None):
     t = sub.add_parser("train", help="train the three models for the same CPU time")
     t.add_argument("--budget", type=float, default=1200, help="CPU seconds of one thread per run")
     t.add_argument("--parallel", type=int, default=2, help="runs at a time")
-    sub.add_parser("likelihood", help="test bits/dim of each run (experiments/likelihood.py)")
+    lik = sub.add_parser("likelihood", help="test bits/dim of each run (experiments/likelihood.py)")
+    lik.add_argument("--n", type=int, default=100, help="test images (the same for all three)")
+    lik.add_argument("--iw-samples", type=int, default=1000, help="the VAE's IWAE K")
+    lik.add_argument("--ais-steps", type=int, default=1000, help="the EBM's AIS steps")
+    lik.add_argument("--chains", type=int, default=100, help="the EBM's AIS chains a repeat")
     args = p.parse_args(argv)
     if args.command == "train":
         train(args.budget, args.parallel)
     else:
-        likelihood()
+        likelihood(args.n, args.iw_samples, args.ais_steps, args.chains)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ then resumed; and a list of bad inputs, each of which must get one clear line an
 untouched.
 
     # about 20 CPU minutes
-    OMP_NUM_THREADS=1 python -m experiments.fault_matrix --out runs/fault_matrix \
+    OMP_NUM_THREADS=1 python -m experiments.fault_matrix --out runs/fault_matrix \\
         --record experiments/results/fault_matrix.json
     # a quick look
     OMP_NUM_THREADS=1 python -m experiments.fault_matrix --out runs/fault_matrix_quick --kills 1
@@ -148,7 +148,8 @@ def kill_and_resume(model, base, out, name, when, torchrun=False, seconds=10.0):
         script = out / f"slow_{model}.py"
         script.write_text(SLOW_SAVE.format(root=str(ROOT), model=model))
         proc = subprocess.Popen([sys.executable, str(script), *map(str, args)],
-                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                start_new_session=True)
         for line in proc.stdout:  # kill it while a save is half done
             if "SAVING" in line:
                 break

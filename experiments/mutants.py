@@ -39,7 +39,8 @@ WIDE = {"ncsn.py": "ncsn", "vae.py": "vae or aasae", "ebm.py": "ebm",
         "experiments/ncsn_inpaint.py": "inpaint", "experiments/ncsn_samplers.py": "ncsn",
         "experiments/aasae.py": "aasae", "experiments/ncsn_precision.py": "ncsn_precision",
         "experiments/ncsn_techniques.py": "ncsnv2_sampler_settings",
-        "experiments/vae_precision.py": "vae_precision", "experiments/ebm_chains.py": "ebm_chains"}
+        "experiments/vae_precision.py": "vae_precision", "experiments/ebm_chains.py": "ebm_chains",
+        "experiments/equal_time.py": "harness", "experiments/ncsn_laptop.py": "harness"}
 NOT_WIDE = " and not (torchrun or rank_0 or one_writer or another_number or ranks_roll)"
 NCSN_SAMPLERS = "ncsn_ode_sampler or ncsn_ncsnv2_sampler or ncsn_preview or ncsn_every_sampler_s"
 VAE_LIKELIHOOD = "vae_discretized or vae_decoder_samples or vae_iwae_bound_is or vae_rgb_coupling"
@@ -358,6 +359,12 @@ MUTANTS = {"ncsn.py": [
      "in_modes = counts[:-1] / counts.sum()", CHAINS),
     ("chains_ring_radius_unclamped", "a point's distance to a ring of radius 0 or 4, which does "
      "not exist", "radius.round().clamp(1, 3)", "radius.round()", CHAINS),
+], "experiments/equal_time.py": [
+    ("harness_child_output_dropped", "a harness's child's output thrown away: a failure without "
+     "its reason", "stdout=f,\n", "stdout=subprocess.DEVNULL,\n", "harness_children"),
+], "experiments/ncsn_laptop.py": [
+    ("laptop_report_needs_runs", "the laptop report reads every run its record names, present or "
+     "not", 'if (run / "checkpoint.pt").exists():', "if True:", "harness_children"),
 ]}
 
 

@@ -6,7 +6,8 @@
     OMP_NUM_THREADS=1 python -m experiments.ncsn_laptop report
 
 Every configuration trains the same small network (width 32, 1.05M parameters) on the first 6,400
-images of the JPEG copy of CIFAR-10 for the same single-thread CPU time (--budget seconds:
+images of the JPEG copy of CIFAR-10 (the folder in the environment variable JPEG; without it, the
+real CIFAR-10 in data/) for the same single-thread CPU time (--budget seconds:
 calibrated from a measured CPU time per step, then each run's own CPU seconds are recorded). What
 each run logs every epoch is its test DSM loss per quarter of its noise levels (q1: the largest
 sigmas); its previews show what the probability-flow ODE draws after each epoch. The report scores
@@ -15,13 +16,14 @@ against 1,000 test images on three measures of image statistics that need no Inc
 share of pixel values outside [0, 1] (saturated colour), the 1-Wasserstein distance between the
 distributions of pixel values (colour), and the mean absolute log-ratio of the radially averaged
 power spectra (how energy spreads over spatial scales: texture and structure). Writes
-experiments/results/ncsn_laptop.json and .md, runs/figures/ncsn_laptop.png.
+experiments/results/ncsn_laptop.json and .md, runs/figures/ncsn_laptop.png. A configuration whose
+run is not here keeps its recorded scores in the table; a run that fails prints its last line and
+leaves its output in runs/ncsn-laptop_NAME.log.
 """
 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import ncsn  # noqa: E402
+from experiments.equal_time import exit_code, launch, shown  # noqa: E402
 
 RECORD = ROOT / "experiments" / "results" / "ncsn_laptop.json"
 JPEG = os.environ.get("JPEG", "cifar10")  # an image-folder copy, or the real CIFAR-10
@@ -82,17 +85,15 @@ def train(names, budget):
         cmd = [str(ROOT / "ncsn.py"), *SMALL, *CONFIGS[name][0], "--name", f"laptop-{name}",
                "--epochs", str(epochs)]
         before, start = set((ROOT / "runs").glob(f"ncsn__laptop-{name}__*")), time.time()
-        proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        _, status, usage = os.wait4(proc.pid, 0)  # the child's own CPU seconds
+        log = ROOT / "runs" / f"ncsn-laptop_{name}.log"
+        _, status, usage = os.wait4(launch(cmd, log).pid, 0)  # the child's own CPU seconds
+        status = exit_code(status, log)
         run = sorted(set((ROOT / "runs").glob(f"ncsn__laptop-{name}__*")) - before)
         record[name] = {"run": str(run[-1].relative_to(ROOT)) if run else None,
                         "exit_status": status, "epochs": epochs, "steps": 100 * epochs,
                         "cpu_seconds": usage.ru_utime + usage.ru_stime,
                         "wall_seconds": time.time() - start, "cpu_seconds_per_step": per_step,
-                        "command": ("OMP_NUM_THREADS=1 python " + " ".join(cmd)
-                                    .replace(JPEG, "$JPEG").replace(str(ROOT) + "/", ""))}
+                        "command": shown(cmd)}
         RECORD.write_text(json.dumps(record, indent=2))
         print(f"{name}: {epochs} epochs, {record[name]['cpu_seconds']:.0f} CPU s, exit {status}",
               flush=True)
@@ -118,9 +119,11 @@ def image_statistics(x, test):
             "spectrum_log_ratio": (spectrum(clamped) / spectrum(test)).log().abs().mean().item()}
 
 
-def report(n=64):
+def report(n=64, record_path=RECORD, figure=ROOT / "runs" / "figures" / "ncsn_laptop.png"):
+    """The table (record_path's .md) and the figure. A configuration whose run folder is not here
+    (a fresh clone, or `train --only`) keeps the scores recorded when its run was, if any."""
     torch.set_num_threads(1)
-    record = json.loads(RECORD.read_text())
+    record = json.loads(record_path.read_text())
     names = [n for n in CONFIGS if n in record and record[n]["run"]]
     test = common.load_images(JPEG, str(ROOT / "data"), "test")[:1000].float() / 255
     lines = ["| recipe | steps | CPU s | test DSM, largest-sigma quarter: after epoch 1 / last | "
@@ -128,33 +131,37 @@ def report(n=64):
              "|" + "---|" * 8]
     rows = []
     for name in names:
-        run = ROOT / record[name]["run"]
-        args = ncsn.parse_args(["--sample", str(run), "--device", "cpu", "--sampler", "ode",
-                                "--nfe", "100", "--batch-size", str(n)])
-        net, stats = ncsn.load_trained(run, args, torch.device("cpu"))
-        torch.manual_seed(0)
-        x, nfe = ncsn.draw_samples(net, stats, n, args, torch.device("cpu"), None)
-        torch.manual_seed(0)
-        scores = image_statistics(x, test)
-        logged = [r for r in common.read_metrics(run) if "test_dsm_q1" in r]
-        record[name].update(scores, q1_by_epoch=[r["test_dsm_q1"] for r in logged],
-                            test_dsm_by_epoch=[r["test_dsm"] for r in logged])
-        lines.append(f"| {CONFIGS[name][1]} | {record[name]['steps']} | "
-                     f"{record[name]['cpu_seconds']:.0f} | {logged[1]['test_dsm_q1']:.1f} / "
-                     f"{logged[-1]['test_dsm_q1']:.1f} | {logged[-1]['test_dsm']:.1f} | "
-                     f"{scores['outside_0_1']:.3f} | {scores['pixel_w1']:.3f} | "
-                     f"{scores['spectrum_log_ratio']:.2f} |")
-        rows.append((f"{name}: ODE, {nfe} NFE", x[:10]))
+        run, r = ROOT / record[name]["run"], record[name]
+        if (run / "checkpoint.pt").exists():
+            args = ncsn.parse_args(["--sample", str(run), "--device", "cpu", "--sampler", "ode",
+                                    "--nfe", "100", "--batch-size", str(n)])
+            net, stats = ncsn.load_trained(run, args, torch.device("cpu"))
+            torch.manual_seed(0)
+            x, nfe = ncsn.draw_samples(net, stats, n, args, torch.device("cpu"), None)
+            torch.manual_seed(0)
+            logged = [row for row in common.read_metrics(run) if "test_dsm_q1" in row]
+            r.update(image_statistics(x, test), q1_by_epoch=[row["test_dsm_q1"] for row in logged],
+                     test_dsm_by_epoch=[row["test_dsm"] for row in logged])
+            rows.append((f"{name}: ODE, {nfe} NFE", x[:10]))
+        elif "pixel_w1" in r:
+            print(f"{name}: {r['run']} is not here: its recorded scores (no samples in the figure)")
+        else:
+            print(f"{name}: {r['run']} is not here and has no scores: left out (train it first)")
+            continue
+        lines.append(f"| {CONFIGS[name][1]} | {r['steps']} | {r['cpu_seconds']:.0f} | "
+                     f"{r['q1_by_epoch'][1]:.1f} / {r['q1_by_epoch'][-1]:.1f} | "
+                     f"{r['test_dsm_by_epoch'][-1]:.1f} | {r['outside_0_1']:.3f} | "
+                     f"{r['pixel_w1']:.3f} | {r['spectrum_log_ratio']:.2f} |")
         print(lines[-1], flush=True)
     torch.manual_seed(0)
     # how close data is to itself
-    reference = image_statistics(test[torch.randperm(1000)[:n]], test)
+    reference = image_statistics(test[torch.randperm(len(test))[:n]], test)
     lines.append(f"| 64 test images themselves | | | | | {reference['outside_0_1']:.3f} | "
                  f"{reference['pixel_w1']:.3f} | {reference['spectrum_log_ratio']:.2f} |")
-    RECORD.write_text(json.dumps(record, indent=2))
-    (RECORD.with_suffix(".md")).write_text("\n".join(lines) + "\n")
+    record_path.write_text(json.dumps(record, indent=2))
+    record_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     rows.append(("test images", test[:10]))
-    common.save_rows(rows, ROOT / "runs" / "figures" / "ncsn_laptop.png",
+    common.save_rows(rows, figure,
                      title="after equal CPU time: the probability-flow ODE from the same starts "
                            "(clamped)")
     print("\n".join(lines))

@@ -130,6 +130,9 @@ def train_and_probe(args, record, record_path):
     steps_per_epoch = args.limit_train // 32
     todo = [(c, s) for s in args.seeds for c in CONFIGS if find_run(args, c, s) is None]
     # the epochs of a config, once measured, never change: later seeds get the same
+    for config in sorted({c for c, _ in todo} & set(record["epochs"])):
+        print(f"{config}: {record['epochs'][config]} epochs, as measured before in {args.out}.json "
+              "(--budget applies to a new --out)", flush=True)
     for config in sorted({c for c, _ in todo} - set(record["epochs"])):
         sps = seconds_per_step(args, config)
         record["epochs"][config] = max(1, round(args.budget / (sps * steps_per_epoch)))
