@@ -41,6 +41,7 @@ from experiments import (
     ncsn_samplers,
     ncsn_techniques,
     toys,
+    vae_interpolate,
 )
 
 ROOT = Path(__file__).resolve().parent
@@ -2078,6 +2079,25 @@ def test_vae_sample_interpolate_and_eval(tiny_images, tmp_path, capsys):
     assert (run / "samples.png").exists() and not np.array_equal(saved["samples"], saved["means"])
     run_script("experiments/vae_interpolate.py", run)
     assert (run / "interpolations.png").read_bytes()[:4] == b"\x89PNG"
+    # bugs the picture would hide: a path that ends where it starts, ends that are not posterior
+    # means of test images (an encoder given [0, 1] pixels instead of [-1, 1]), uneven steps, and
+    # decoded samples instead of means. The path's codes are read as they are decoded.
+    paths, decode = [], vae.decode_images
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vae, "decode_images", lambda net, z, drawn=True: paths.append(
+            (z.float(), drawn)) or decode(net, z, drawn))
+        vae_interpolate.interpolate([str(run)])
+    args = vae.parse_args(["--sample", str(run)])
+    net, _ = vae.load_trained(run, args, torch.device("cpu"))
+    test = common.load_images(args.data, args.data_root, "test").float() / 255
+    codes = net.encode(test * 2 - 1)[0].detach().flatten(1)  # (16, D): every test image's mean
+    assert len(paths) == 6 and not any(drawn for _, drawn in paths)
+    for z, _ in paths:
+        z = z.flatten(1)  # (8, D): t = 0, 1/7, ..., 1
+        ends = [(codes - end).abs().amax(1).argmin().item() for end in (z[0], z[-1])]
+        assert ends[0] != ends[1] and torch.allclose(z[[0, -1]], codes[ends], atol=1e-5)
+        t = torch.linspace(0, 1, 8)[:, None]
+        assert torch.allclose(z, (1 - t) * z[0] + t * z[-1], atol=1e-5)
     vae.main(["--eval", str(run), "--n", "16", "--iw-samples", "4",
               "--fid-extractor", "tiny-random"])
     result = json.loads((run / "eval.json").read_text())
@@ -2371,6 +2391,13 @@ def test_ebm_sgld_clips_each_gradient_entry_and_clamps_to_the_image_range():
     assert torch.allclose(one, torch.full_like(x0, 0.4))
     ten, _ = ebm.sgld(energy, x0, 10, 10.0, 0.0, grad_clip=0.01)
     assert torch.equal(ten, torch.zeros_like(x0))
+    # inpainting's mask (1: free): the observed pixels stay exactly as given, noise and all; the
+    # free ones move. Bugs it catches: the mask ignored, or applied the wrong way round
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 1:3, 1:3] = 1
+    masked, _ = ebm.sgld(energy, x0, 1, 10.0, 0.05, grad_clip=0.01, mask=mask)
+    assert torch.equal(masked * (1 - mask), x0 * (1 - mask))
+    assert ((masked - x0) * mask).abs().amin((0, 1))[1:3, 1:3].gt(0).all()
 
 
 def test_ebm_sgld_negatives_are_constants_even_when_the_energy_is_being_trained():
@@ -3134,6 +3161,19 @@ def test_ebm_precision_and_ood_experiments_run_on_a_trained_run(tiny_images, tmp
     assert all(row["n"] == 16 and 0 <= row["auroc"] <= 1 for row in ood["ood"].values())
     assert json.loads((run / "ood.json").read_text()) == json.loads(json.dumps(ood))
     assert (run / "ood_energies.png").exists()
+
+    def roughness(x):  # an energy that knows smooth images: the mean jump between neighbours
+        return ((x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3))
+                + (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3)))
+
+    # bug it catches: the AUROC of E instead of -E (every row 1 - AUROC). The test images are smooth
+    # blobs: every noisy or shuffled image is rougher (AUROC 1), a constant colour smoother (0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ebm, "load_trained", lambda *args: (roughness, None))
+        rows = ebm_ood.main([str(run), "--limit-test", "16"])["ood"]
+    assert [rows[name]["auroc"] for name in ("uniform noise", "shuffled pixels",
+                                             "heavy noise (sigma 0.3)", "constant colour")] == [
+        1.0, 1.0, 1.0, 0.0]
     result = ebm_precision.main([str(run), "--n", "8", "--chains", "4", "--steps", "2"])
     assert json.loads((run / "precision.json").read_text()) == json.loads(json.dumps(result))
     moves = result["moves"]["test images"]

@@ -40,7 +40,8 @@ WIDE = {"ncsn.py": "ncsn", "vae.py": "vae or aasae", "ebm.py": "ebm",
         "experiments/aasae.py": "aasae", "experiments/ncsn_precision.py": "ncsn_precision",
         "experiments/ncsn_techniques.py": "ncsnv2_sampler_settings",
         "experiments/vae_precision.py": "vae_precision", "experiments/ebm_chains.py": "ebm_chains",
-        "experiments/equal_time.py": "harness", "experiments/ncsn_laptop.py": "harness"}
+        "experiments/equal_time.py": "harness", "experiments/ncsn_laptop.py": "harness",
+        "experiments/ebm_ood.py": "ood", "experiments/vae_interpolate.py": "vae_sample"}
 NOT_WIDE = " and not (torchrun or rank_0 or one_writer or another_number or ranks_roll)"
 NCSN_SAMPLERS = "ncsn_ode_sampler or ncsn_ncsnv2_sampler or ncsn_preview or ncsn_every_sampler_s"
 VAE_LIKELIHOOD = "vae_discretized or vae_decoder_samples or vae_iwae_bound_is or vae_rgb_coupling"
@@ -197,6 +198,11 @@ MUTANTS = {"ncsn.py": [
     ("ebm_sgld_no_clip", "SGLD gradient clip dropped",
      "grad = torch.nan_to_num(grad).clamp(-grad_clip, grad_clip)", "grad = torch.nan_to_num(grad)",
      EBM_MATH),
+    ("ebm_sgld_mask_ignored", "inpainting's SGLD moves the observed pixels too",
+     "(move if mask is None else move * mask)", "move", "ebm_sgld_clips"),
+    ("ebm_sgld_mask_inverted", "inpainting's SGLD moves the observed pixels, not the hidden",
+     "(move if mask is None else move * mask)", "(move if mask is None else move * (1 - mask))",
+     "ebm_sgld_clips"),
     ("ebm_sgld_no_clamp", "SGLD chains not clamped to [0, 1]",
      "x = x if bounds is None else x.clamp(*bounds)", "x = x", EBM_MATH),
     ("ebm_detach_negatives", "forget to detach the SGLD negatives (grad_x E keeps its graph)",
@@ -359,6 +365,21 @@ MUTANTS = {"ncsn.py": [
      "in_modes = counts[:-1] / counts.sum()", CHAINS),
     ("chains_ring_radius_unclamped", "a point's distance to a ring of radius 0 or 4, which does "
      "not exist", "radius.round().clamp(1, 3)", "radius.round()", CHAINS),
+], "experiments/ebm_ood.py": [
+    ("ood_auroc_of_energy", "the OOD table's AUROC of E, not of -E (the log-likelihood's sign)",
+     'measures.auroc(-energy["test images"], -energy[name])',
+     'measures.auroc(energy["test images"], energy[name])', "ebm_precision_and_ood"),
+], "experiments/vae_interpolate.py": [
+    ("interpolate_same_end", "the path from a code to itself: t mu_0 for t mu_1",
+     "(1 - t) * mu[0] + t * mu[1]", "(1 - t) * mu[0] + t * mu[0]", "vae_sample_interpolate"),
+    ("interpolate_encoder_unscaled", "the encoder given pixels in [0, 1], not [-1, 1]",
+     "net.encode(ends * 2 - 1)[0]", "net.encode(ends)[0]", "vae_sample_interpolate"),
+    ("interpolate_uneven_steps", "the steps bunched at the ends: t^2 for t",
+     "t = torch.linspace(0, 1, steps, device=device).view(-1, 1, 1, 1)",
+     "t = torch.linspace(0, 1, steps, device=device).view(-1, 1, 1, 1) ** 2",
+     "vae_sample_interpolate"),
+    ("interpolate_samples", "samples of p(x|z) along the path, not its means E[x|z]",
+     "t * mu[1], drawn=False)", "t * mu[1], drawn=True)", "vae_sample_interpolate"),
 ], "experiments/equal_time.py": [
     ("harness_child_output_dropped", "a harness's child's output thrown away: a failure without "
      "its reason", "stdout=f,\n", "stdout=subprocess.DEVNULL,\n", "harness_children"),
