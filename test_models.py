@@ -1664,6 +1664,25 @@ def test_ncsn_sample_inpaint_and_eval_with_each_sampler(tiny_images, tmp_path, c
     samples = np.load(run / "samples.npz")["samples"]
     assert samples.shape == (10, 32, 32, 3) and samples.dtype == np.uint8
     assert (run / "samples.png").exists() and (run / "trajectory.png").exists()
+    # trajectory.png's claim: the same eight chains, level by level, ending in samples.png's first
+    # eight. Bugs it catches: a row drawn from other starts or noise (the seed not reset before
+    # each level), levels out of order, a last row that is not the last level denoised
+    shown = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "save_rows", lambda rows, path, title=None: shown.update(rows))
+        ncsn.main(["--sample", str(run), "--n", "8"])
+    args = ncsn.parse_args(["--sample", str(run)])
+    net, _ = ncsn.load_trained(run, args, torch.device("cpu"))
+    sigmas, labels = ncsn.sampler_levels(args)[0], list(shown)
+    assert labels[0] == f"sigma={sigmas[0]:.3g}" and labels[-2:] == [f"sigma={sigmas[-1]:.3g}",
+                                                                     "final"]
+    shown_sigmas = [float(label.split("=")[1]) for label in labels[:-1]]
+    assert shown_sigmas == sorted(shown_sigmas, reverse=True) and len(labels) == 8
+    with torch.no_grad():
+        final = ncsn.finish(net, shown[labels[-2]], sigmas[-1], args.denoise)
+    assert torch.allclose(final, shown["final"], atol=1e-5)
+    assert np.array_equal(common.to_uint8(shown["final"]).permute(0, 2, 3, 1).numpy(),
+                          np.load(run / "samples.npz")["samples"])
     ncsn_inpaint.inpaint([str(run)])  # NCSN Alg. 2: experiments/ncsn_inpaint.py
     assert (run / "inpaint_right_half.png").exists() and (run / "inpaint_centre.png").exists()
     ncsn.main(["--eval", str(run), "--n", "12", "--fid-extractor", "tiny-random"])

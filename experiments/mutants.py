@@ -97,6 +97,12 @@ MUTANTS = {"ncsn.py": [
      'if levels != args.num_scales and args.score_param == "embed":', "if False:",
      "ncsn_a_budget or ncsn_every_sampler"),
     # the run section (the same text in the three files: mutated in this one)
+    ("ncsn_trajectory_not_reseeded", "trajectory.png's rows each from other starts and noise",
+     "        torch.manual_seed(args.seed)  # the same draws, up to that level\n", "",
+     "ncsn_sample_inpaint_and_eval"),
+    ("ncsn_trajectory_rows_denoised", "trajectory.png's levels each denoised, as if the last",
+     "denoise, out = sigmas[:levels].to(device), args.denoise and levels is None, []",
+     "denoise, out = sigmas[:levels].to(device), args.denoise, []", "ncsn_sample_inpaint_and_eval"),
     ("run_resume_lr_ignored", "--lr given on resume ignored: the saved optimiser's lr kept",
      '    if args.lr != ckpt["args"]["lr"]:', "    if False:", "learning_rate_given and ncsn"),
     ("run_resume_scaler_not_loaded", "the loss scaler's state not restored on resume",
