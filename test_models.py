@@ -2419,6 +2419,25 @@ def test_ebm_sgld_clips_each_gradient_entry_and_clamps_to_the_image_range():
     assert ((masked - x0) * mask).abs().amin((0, 1))[1:3, 1:3].gt(0).all()
 
 
+def test_ebm_samples_start_from_the_whole_saved_buffer_or_from_uniform_noise():
+    """--chains buffer (IGEBM) starts every chain at a saved chain, each used as evenly as n allows;
+    --chains noise at U(0, 1). Bugs it catches: --chains noise ignored, and every chain started at
+    one saved chain. A flat energy and no noise leave each chain where it starts."""
+    flat = lambda x: 0 * x.flatten(1).sum(1)  # noqa: E731
+    saved = torch.tensor([0.1, 0.2, 0.3, 0.4]).view(4, 1, 1, 1).expand(4, 3, 32, 32)
+    args = argparse.Namespace(chains="buffer", steps=2, batch_size=4, sgld_step_size=10.0,
+                              sgld_noise=0.0, sgld_grad_clip=0.01)
+    torch.manual_seed(0)
+    x = ebm.draw_samples(flat, {"buffer": saved}, 10, args, torch.device("cpu"), None)
+    starts = x.flatten(1)[:, 0]  # each sample is one flat image
+    assert torch.equal(x, starts.view(10, 1, 1, 1).expand(10, 3, 32, 32))
+    counts = sorted(int((starts == v).sum()) for v in saved[:, 0, 0, 0])
+    assert counts == [2, 2, 3, 3]  # 10 chains from 4 saved ones
+    args.chains = "noise"
+    x = ebm.draw_samples(flat, {"buffer": saved}, 10, args, torch.device("cpu"), None)
+    assert abs(x.mean().item() - 0.5) < 0.01 and abs(x.std().item() - 12**-0.5) < 0.01
+
+
 def test_ebm_sgld_negatives_are_constants_even_when_the_energy_is_being_trained():
     """Contrastive divergence treats the negatives as constants: sgld returns them without a graph,
     even for an energy whose weights require gradients (the 2-D toy trains so). Bug it catches:
