@@ -2209,6 +2209,22 @@ def test_aasae_views_keep_shape_range_and_device_and_match_torchvision(monkeypat
             and abs((flip == -1).float().mean() - 0.5) < 0.05)
 
 
+def test_vae_probe_reads_the_posterior_means_of_images_scaled_as_in_training():
+    """The probe's features are E_q[z|x] of the images as vae.py feeds them, in [-1, 1], batch by
+    batch. Bugs it catches: pixels scaled to [0, 1], the log-variance read for the mean, a last
+    partial batch dropped. An encoder whose posterior mean is its input makes the answer exact."""
+    from experiments import vae_probe
+
+    class Identity:  # E_q[z|x] = x, log-variance -100
+        def encode(self, x):
+            return x, torch.full_like(x, -100.0)
+
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    means = vae_probe.posterior_means(Identity(), images, argparse.Namespace(batch_size=2),
+                                      torch.device("cpu"), None)
+    assert torch.allclose(means, (images.float() / 127.5 - 1).flatten(1))
+
+
 def test_aasae_trains_resumes_evaluates_and_probes_without_claiming_bits_per_dim(
         tiny_images, tmp_path, capsys):  # noqa: F811
     """experiments/aasae.py end to end: exact resume with the random views (and vae.py refusing to

@@ -41,7 +41,8 @@ WIDE = {"ncsn.py": "ncsn", "vae.py": "vae or aasae", "ebm.py": "ebm",
         "experiments/ncsn_techniques.py": "ncsnv2_sampler_settings",
         "experiments/vae_precision.py": "vae_precision", "experiments/ebm_chains.py": "ebm_chains",
         "experiments/equal_time.py": "harness", "experiments/ncsn_laptop.py": "harness",
-        "experiments/ebm_ood.py": "ood", "experiments/vae_interpolate.py": "vae_sample"}
+        "experiments/ebm_ood.py": "ood", "experiments/vae_interpolate.py": "vae_sample",
+        "experiments/vae_probe.py": "probe"}
 NOT_WIDE = " and not (torchrun or rank_0 or one_writer or another_number or ranks_roll)"
 NCSN_SAMPLERS = "ncsn_ode_sampler or ncsn_ncsnv2_sampler or ncsn_preview or ncsn_every_sampler_s"
 VAE_LIKELIHOOD = "vae_discretized or vae_decoder_samples or vae_iwae_bound_is or vae_rgb_coupling"
@@ -392,6 +393,13 @@ MUTANTS = {"ncsn.py": [
      "vae_sample_interpolate"),
     ("interpolate_samples", "samples of p(x|z) along the path, not its means E[x|z]",
      "t * mu[1], drawn=False)", "t * mu[1], drawn=True)", "vae_sample_interpolate"),
+], "experiments/vae_probe.py": [
+    ("probe_pixels_0_1", "the probe's encoder given pixels in [0, 1], not [-1, 1] as in training",
+     "args.batch_size].to(device).float() / 127.5 - 1", "args.batch_size].to(device).float() / 255",
+     "vae_probe_reads"),
+    ("probe_reads_logvar", "the probe's features the posterior's log-variance, not its mean",
+     "out.append(net.encode(x)[0].flatten(1).float())",
+     "out.append(net.encode(x)[1].flatten(1).float())", "vae_probe_reads"),
 ], "experiments/equal_time.py": [
     ("harness_child_output_dropped", "a harness's child's output thrown away: a failure without "
      "its reason", "stdout=f,\n", "stdout=subprocess.DEVNULL,\n", "harness_children"),
