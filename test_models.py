@@ -255,7 +255,8 @@ def test_a_folder_is_shuffled_with_its_labels_centre_cropped_and_recached_when_a
     bands[:, :16, 0], bands[:, 16:48, 1], bands[:, 48:, 2] = 255, 255, 255
     Image.fromarray(bands).save(tmp_path / "bands.png")
     assert (common._to_32x32(tmp_path / "bands.png") == [0, 255, 0]).all()  # the centre, all green
-    path = tmp_path / "flat" / "dark" / "0.bmp"  # rewritten: the same size, other pixels
+    path = common._folder_split(str(tmp_path / "flat"), "train")[1][0]  # a training image,
+    # rewritten: the same size, other pixels
     Image.new("RGB", (32, 32), (99,) * 3).save(path)
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     again = common.load_split(str(tmp_path / "flat"), str(tmp_path / "root"), "train")["images"]
@@ -1664,25 +1665,37 @@ def test_ncsn_sample_inpaint_and_eval_with_each_sampler(tiny_images, tmp_path, c
     samples = np.load(run / "samples.npz")["samples"]
     assert samples.shape == (10, 32, 32, 3) and samples.dtype == np.uint8
     assert (run / "samples.png").exists() and (run / "trajectory.png").exists()
-    # trajectory.png's claim: the same eight chains, level by level, ending in samples.png's first
-    # eight. Bugs it catches: a row drawn from other starts or noise (the seed not reset before
-    # each level), levels out of order, a last row that is not the last level denoised
-    shown = {}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "save_rows", lambda rows, path, title=None: shown.update(rows))
-        ncsn.main(["--sample", str(run), "--n", "8"])
+    # trajectory.png's claim: the same eight chains, level by level. Bugs it catches: rows drawn
+    # from other starts or noise (the seed not reset before each level), levels out of order, a
+    # last row that is not the last level denoised
+    def trajectory(*flags):  # the rows trajectory.png shows, by label
+        shown = {}
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(common, "save_rows", lambda rows, path, title=None: shown.update(rows))
+            ncsn.main(["--sample", str(run), "--n", "8", *flags])
+        return shown
+
     args = ncsn.parse_args(["--sample", str(run)])
     net, _ = ncsn.load_trained(run, args, torch.device("cpu"))
-    sigmas, labels = ncsn.sampler_levels(args)[0], list(shown)
-    assert labels[0] == f"sigma={sigmas[0]:.3g}" and labels[-2:] == [f"sigma={sigmas[-1]:.3g}",
-                                                                     "final"]
-    shown_sigmas = [float(label.split("=")[1]) for label in labels[:-1]]
-    assert shown_sigmas == sorted(shown_sigmas, reverse=True) and len(labels) == 8
+    sigmas = ncsn.sampler_levels(args)[0]
+    names = [f"sigma={sigma:.3g}" for sigma in sigmas]
+    shown = trajectory()
+    labels = list(shown)
+    assert len(labels) == 8 and labels[0] == names[0] and labels[-2:] == [names[-1], "final"]
+    assert [names.index(label) for label in labels[:-1]] == sorted(names.index(label)
+                                                                   for label in labels[:-1])
     with torch.no_grad():
         final = ncsn.finish(net, shown[labels[-2]], sigmas[-1], args.denoise)
     assert torch.allclose(final, shown["final"], atol=1e-5)
+    # with --n 8, samples.npz holds the same eight chains as the final row
     assert np.array_equal(common.to_uint8(shown["final"]).permute(0, 2, 3, 1).numpy(),
                           np.load(run / "samples.npz")["samples"])
+    # the ODE is deterministic: every row, carried on through the levels after its own, is the last
+    shown = trajectory("--sampler", "ode")
+    for label in labels[:-2]:
+        with torch.no_grad():
+            end = ncsn.probability_flow(net, shown[label], sigmas[names.index(label):], False)
+        assert torch.allclose(end, shown[labels[-2]], atol=1e-4)
     ncsn_inpaint.inpaint([str(run)])  # NCSN Alg. 2: experiments/ncsn_inpaint.py
     assert (run / "inpaint_right_half.png").exists() and (run / "inpaint_centre.png").exists()
     ncsn.main(["--eval", str(run), "--n", "12", "--fid-extractor", "tiny-random"])

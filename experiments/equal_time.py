@@ -12,8 +12,9 @@ experiments/bench.py does), gives it the whole epochs that fill the budget, runs
 (OMP_NUM_THREADS=1) and records the CPU seconds each really used (its rusage: evaluation and
 previews included) in experiments/results/equal_time.json. `likelihood` runs
 experiments/likelihood.py on each run (the same --n test images for all three) and records its
-CPU seconds too (the defaults, 100 images, IWAE K = 1000 and AIS 1000 x 100, take about an hour on
-one thread; `likelihood --n 2 --iw-samples 10 --ais-steps 10 --chains 4` is a quick look). NCSN uses
+CPU seconds too (the defaults, 100 images, IWAE K = 1000 and AIS 1000 x 100, took 1,988 CPU s of
+one thread; `likelihood --n 2 --iw-samples 10 --ais-steps 10 --chains 4` is a quick look, which
+replaces the recorded bits/dim: `git checkout experiments/results/equal_time.json` after). NCSN uses
 the laptop recipe of experiments/ncsn_laptop.py. A child that fails prints its last line and leaves
 its whole output in runs/equal-time_*.log.
 """
@@ -161,7 +162,7 @@ def main(argv=None):
     lik.add_argument("--n", type=int, default=100, help="test images (the same for all three)")
     lik.add_argument("--iw-samples", type=int, default=1000, help="the VAE's IWAE K")
     lik.add_argument("--ais-steps", type=int, default=1000, help="the EBM's AIS steps")
-    lik.add_argument("--chains", type=int, default=100, help="the EBM's AIS chains a repeat")
+    lik.add_argument("--chains", type=int, default=100, help="the EBM's AIS chains per repeat")
     args = p.parse_args(argv)
     if args.command == "train":
         train(args.budget, args.parallel)

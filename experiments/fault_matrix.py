@@ -142,22 +142,27 @@ def saved_epoch(run):
 def kill_and_resume(model, base, out, name, when, torchrun=False, seconds=10.0):
     """Train, kill -9 at `when` ('save', or 'random': a moment in the first 30-95% of `seconds`),
     resume to 3 epochs; the check's (ok, why), or None when the run ended before the kill."""
-    runs = out / "runs" / name
+    runs, log = out / "runs" / name, out / f"{name}.log"  # log: the child's stderr
     args = tiny_run(model, base, out, name)
     if when == "save":
         script = out / f"slow_{model}.py"
         script.write_text(SLOW_SAVE.format(root=str(ROOT), model=model))
-        proc = subprocess.Popen([sys.executable, str(script), *map(str, args)],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                start_new_session=True)
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, str(script), *map(str, args)],
+                                    stdout=subprocess.PIPE, stderr=err, text=True,
+                                    start_new_session=True)
         for line in proc.stdout:  # kill it while a save is half done
             if "SAVING" in line:
                 break
     else:
-        proc = subprocess.Popen(command(model, *args, torchrun=torchrun), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        with open(log, "w") as err:
+            proc = subprocess.Popen(command(model, *args, torchrun=torchrun),
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         time.sleep(random.uniform(0.3, 0.95) * seconds)
-    if proc.poll() is not None:
+    if proc.poll() is not None:  # it ended before the kill: counted apart, unless it failed
+        if proc.returncode != 0:
+            last = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{name} failed before its kill (exit {proc.returncode}): {last}")
         return None
     for pid in process_tree(proc.pid):  # torchrun's workers too: they have sessions of their own
         try:

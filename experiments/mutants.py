@@ -41,8 +41,8 @@ WIDE = {"ncsn.py": "ncsn", "vae.py": "vae or aasae", "ebm.py": "ebm",
         "experiments/ncsn_techniques.py": "ncsnv2_sampler_settings",
         "experiments/vae_precision.py": "vae_precision", "experiments/ebm_chains.py": "ebm_chains",
         "experiments/equal_time.py": "harness", "experiments/ncsn_laptop.py": "harness",
-        "experiments/ebm_ood.py": "ood", "experiments/vae_interpolate.py": "vae_sample",
-        "experiments/vae_probe.py": "probe"}
+        "experiments/ebm_ood.py": "ebm_precision_and_ood", "experiments/vae_probe.py": "probe",
+        "experiments/vae_interpolate.py": "vae_sample"}
 NOT_WIDE = " and not (torchrun or rank_0 or one_writer or another_number or ranks_roll)"
 NCSN_SAMPLERS = "ncsn_ode_sampler or ncsn_ncsnv2_sampler or ncsn_preview or ncsn_every_sampler_s"
 VAE_LIKELIHOOD = "vae_discretized or vae_decoder_samples or vae_iwae_bound_is or vae_rgb_coupling"
@@ -97,13 +97,13 @@ MUTANTS = {"ncsn.py": [
     ("ncsn_embed_off_its_ladder", "a budget gives an 'embed' network sigmas it never learned",
      'if levels != args.num_scales and args.score_param == "embed":', "if False:",
      "ncsn_a_budget or ncsn_every_sampler"),
-    # the run section (the same text in the three files: mutated in this one)
     ("ncsn_trajectory_not_reseeded", "trajectory.png's rows each from other starts and noise",
      "        torch.manual_seed(args.seed)  # the same draws, up to that level\n", "",
      "ncsn_sample_inpaint_and_eval"),
     ("ncsn_trajectory_rows_denoised", "trajectory.png's levels each denoised, as if the last",
      "denoise, out = sigmas[:levels].to(device), args.denoise and levels is None, []",
      "denoise, out = sigmas[:levels].to(device), args.denoise, []", "ncsn_sample_inpaint_and_eval"),
+    # the run section (the same text in the three files: mutated in this one)
     ("run_resume_lr_ignored", "--lr given on resume ignored: the saved optimiser's lr kept",
      '    if args.lr != ckpt["args"]["lr"]:', "    if False:", "learning_rate_given and ncsn"),
     ("run_resume_scaler_not_loaded", "the loss scaler's state not restored on resume",

@@ -131,7 +131,7 @@ def report(n=64, record_path=RECORD, figure=ROOT / "runs" / "figures" / "ncsn_la
              "|" + "---|" * 8]
     rows = []
     for name in names:
-        run, r = ROOT / record[name]["run"], record[name]
+        run, entry = ROOT / record[name]["run"], record[name]
         if (run / "checkpoint.pt").exists():
             args = ncsn.parse_args(["--sample", str(run), "--device", "cpu", "--sampler", "ode",
                                     "--nfe", "100", "--batch-size", str(n)])
@@ -140,18 +140,19 @@ def report(n=64, record_path=RECORD, figure=ROOT / "runs" / "figures" / "ncsn_la
             x, nfe = ncsn.draw_samples(net, stats, n, args, torch.device("cpu"), None)
             torch.manual_seed(0)
             logged = [row for row in common.read_metrics(run) if "test_dsm_q1" in row]
-            r.update(image_statistics(x, test), q1_by_epoch=[row["test_dsm_q1"] for row in logged],
-                     test_dsm_by_epoch=[row["test_dsm"] for row in logged])
+            entry.update(image_statistics(x, test),
+                         q1_by_epoch=[row["test_dsm_q1"] for row in logged],
+                         test_dsm_by_epoch=[row["test_dsm"] for row in logged])
             rows.append((f"{name}: ODE, {nfe} NFE", x[:10]))
-        elif "pixel_w1" in r:
-            print(f"{name}: {r['run']} is not here: its recorded scores (no samples in the figure)")
+        elif "pixel_w1" in entry:
+            print(f"{name}: {entry['run']} is not here: its recorded scores (no samples shown)")
         else:
-            print(f"{name}: {r['run']} is not here and has no scores: left out (train it first)")
+            print(f"{name}: {entry['run']} is not here and has no scores: left out (train it)")
             continue
-        lines.append(f"| {CONFIGS[name][1]} | {r['steps']} | {r['cpu_seconds']:.0f} | "
-                     f"{r['q1_by_epoch'][1]:.1f} / {r['q1_by_epoch'][-1]:.1f} | "
-                     f"{r['test_dsm_by_epoch'][-1]:.1f} | {r['outside_0_1']:.3f} | "
-                     f"{r['pixel_w1']:.3f} | {r['spectrum_log_ratio']:.2f} |")
+        lines.append(f"| {CONFIGS[name][1]} | {entry['steps']} | {entry['cpu_seconds']:.0f} | "
+                     f"{entry['q1_by_epoch'][1]:.1f} / {entry['q1_by_epoch'][-1]:.1f} | "
+                     f"{entry['test_dsm_by_epoch'][-1]:.1f} | {entry['outside_0_1']:.3f} | "
+                     f"{entry['pixel_w1']:.3f} | {entry['spectrum_log_ratio']:.2f} |")
         print(lines[-1], flush=True)
     torch.manual_seed(0)
     # how close data is to itself
