@@ -11,7 +11,7 @@ killed: a test failed; survived: every selected test passed; error: no test ran 
 the mutant breaks the import) or they ran past --timeout. First the clean copy runs every mutant's
 tests: a kill counts only by tests that pass without the bug. The repository is never changed.
 
-    python experiments/mutants.py                   # about 22 minutes on 2 CPU cores
+    python experiments/mutants.py                   # about 24 minutes on 2 CPU cores
     python experiments/mutants.py --only 'vae_kl'   # the mutants whose names match a regex
     python experiments/mutants.py --wide --only X   # each against all its model's tests (minutes)
 
