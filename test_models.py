@@ -3142,7 +3142,8 @@ def test_likelihood_rows_turn_known_densities_into_their_bits_per_dim(tiny_image
     EBM's log Z added instead of subtracted, NCSN's ODE run from the pixels k / 255 instead of the
     dequantised points (k + u) / 256, and the held-out images taken from the training split. Each
     model's loader is replaced by a density whose bits/dim are known."""
-    args, dims = argparse.Namespace(data=str(tiny_images), data_root=str(tmp_path)), 3072
+    args = argparse.Namespace(data=str(tiny_images), data_root=str(tmp_path))
+    dims = common.IMAGE_DIMS  # 3072
     # VAE: the uniform distribution over the 256 levels of every subpixel: 8 bits/dim exactly
     monkeypatch.setattr(likelihood, "load_vae", lambda run, device: (
         lambda images, k: torch.full((len(images),), -dims * math.log(256)), args))

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from experiments import bench  # noqa: E402
+from experiments.fault_matrix import last_line  # noqa: E402
 
 RECORD = ROOT / "experiments" / "results" / "equal_time.json"
 JPEG = os.environ.get("JPEG", "cifar10")  # an image-folder copy, or the real CIFAR-10
@@ -78,9 +79,8 @@ def exit_code(status, log):
     """A child's exit code from os.wait4's status; if it failed, its last line (the reason)."""
     code = os.waitstatus_to_exitcode(status)
     if code:
-        lines = Path(log).read_text(errors="replace").strip().splitlines()
-        print(f"failed (exit {code}): {lines[-1] if lines else 'no output'} (all of it: {log})",
-              file=sys.stderr, flush=True)
+        print(f"failed (exit {code}): {last_line(log)} (all of it: {log})", file=sys.stderr,
+              flush=True)
     return code
 
 

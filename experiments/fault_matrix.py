@@ -139,6 +139,11 @@ def saved_epoch(run):
         return None
 
 
+def last_line(log):
+    """The last line a child process wrote to its log file: why it failed."""
+    return (Path(log).read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
+
+
 def kill_and_resume(model, base, out, name, when, torchrun=False, seconds=10.0):
     """Train, kill -9 at `when` ('save', or 'random': a moment in the first 30-95% of `seconds`),
     resume to 3 epochs; the check's (ok, why), or None when the run ended before the kill."""
@@ -161,8 +166,8 @@ def kill_and_resume(model, base, out, name, when, torchrun=False, seconds=10.0):
         time.sleep(random.uniform(0.3, 0.95) * seconds)
     if proc.poll() is not None:  # it ended before the kill: counted apart, unless it failed
         if proc.returncode != 0:
-            last = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"{name} failed before its kill (exit {proc.returncode}): {last}")
+            raise RuntimeError(f"{name} failed before its kill (exit {proc.returncode}): "
+                               f"{last_line(log)}")
         return None
     for pid in process_tree(proc.pid):  # torchrun's workers too: they have sessions of their own
         try:
