@@ -9,11 +9,17 @@ write themselves, at tiny widths, so the whole suite stays within minutes on two
 """
 
 import argparse
+import ast
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
 import random
+import re
+import runpy
+import shlex
 import shutil
 import subprocess
 import sys
@@ -631,6 +637,157 @@ def test_readme_quick_start_is_what_ci_runs_and_what_the_tests_exercise():
     for package in ("torch", "torchvision", "numpy", "matplotlib", "tqdm", "torch-fidelity",
                     "tensorboard", "pytest"):
         assert f"\n{package}" in "\n" + requirements
+
+
+SHELL_VARIABLES = {"JPEG": "cifar10", "DATA": "cifar10", "s": "1", "K": "1000"}  # loop variables
+
+
+def commands_in(text, variables):
+    """The commands (argv lists: a script or `-m module`, then its arguments) in shell lines: `\\`
+    continuations joined, NAME="..." assignments remembered and $NAME expanded, a line cut at &&,
+    ;, | and &, and `!`, env prefixes, `timeout N` and `...` dropped."""
+    out = []
+    for line in re.sub(r"\\\n\s*", " ", text).splitlines():
+        line = re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m[1], m[0]), line.strip())
+        if assignment := re.fullmatch(r"(\w+)=(\"[^\"]*\"|\S*)", line):
+            variables[assignment[1]] = assignment[2].strip('"')
+        elif re.search(r"(^|[!\s])(python|torchrun) ", line):
+            segment = []
+            for word in [*shlex.split(line.lstrip("!"), comments=True), "&&"]:
+                if word not in ("&&", ";", "|", "||", "&"):
+                    segment.append(word)
+                    continue
+                while segment and re.fullmatch(r"[A-Z_]+=\S*|timeout|\d+", segment[0]):
+                    segment = segment[1:]
+                if segment[:1] == ["torchrun"]:  # torchrun's own flags, then the script
+                    segment = ["python", *next((segment[i:] for i, w in enumerate(segment)
+                                                if w.endswith(".py")), [])]
+                if segment[:1] == ["python"] and segment[1:2] != ["-c"] \
+                        and segment[1:3] != ["-m", "pytest"] and len(segment) > 1:
+                    out.append([w for w in segment[1:] if w != "..."])
+                segment = []
+    return out
+
+
+def documented_commands():
+    """(where, argv) of every command the repository prints for its reader: README.md's and
+    experiments/README.md's code (fenced blocks with their shell variables, and inline code), the
+    usage lines of each script's docstring, and the commands experiments/results/ recorded."""
+    found = []
+    for name in ("README.md", "experiments/README.md"):
+        text, variables = (ROOT / name).read_text(), dict(SHELL_VARIABLES)
+        for block in re.findall(r"^```\w*\n(.*?)^```", text, re.S | re.M):
+            found += [(name, argv) for argv in commands_in(block, variables)]
+        prose = re.sub(r"^```\w*\n.*?^```", "", text, flags=re.S | re.M)
+        for span in re.findall(r"`((?:python|torchrun) [^`\n]+)`", prose):
+            found += [(name, argv) for argv in commands_in(span, dict(SHELL_VARIABLES))]
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("experiments/*.py"), ROOT / ".ci" / "gpu"]:
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        usage = "\n".join(line for line in re.sub(r"\\\n\s*", " ", doc).splitlines()
+                          if re.match(r"\s+(\w+=\S+ )*(python|torchrun) ", line))
+        found += [(path.relative_to(ROOT).as_posix(), argv)
+                  for argv in commands_in(usage, dict(SHELL_VARIABLES))]
+    for path in (ROOT / "experiments" / "results").rglob("*.json"):
+        # every "command" and vae_aasae.json's probe_commands (its train_commands are as they ran,
+        # when vae.py had --preset aasae and --preset vae: experiments/README.md, "AASAE", says so)
+        def recorded(node, key=""):
+            if isinstance(node, dict):
+                return [c for k, v in node.items()
+                        for c in recorded(v, "command" if key == "probe_commands" else k)]
+            if isinstance(node, list):
+                return [c for v in node for c in recorded(v, key)]
+            return [node] if key == "command" else []
+        lines = recorded(json.loads(path.read_text()))
+        found += [(path.relative_to(ROOT).as_posix(), argv)
+                  for argv in commands_in("\n".join(lines), dict(SHELL_VARIABLES))]
+    # `python <model>.py ...` stands for each of the three
+    return [(where, [argv[0].replace("<model>", m), *argv[1:]]) for where, argv in found
+            for m in (MODELS if "<model>" in argv[0] else ["<model>"])]
+
+
+class Parsed(Exception):
+    """Raised in place of what a script does once argparse has accepted its command line."""
+
+
+def anchors(markdown):
+    """The #anchors a Markdown page has on GitHub: each heading's slug (lower case, punctuation
+    dropped, spaces as hyphens; a repeated one gets -1, -2, ...) and each <a id="...">."""
+    text = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
+    found = set(re.findall(r'<a id="([^"]+)">', text))
+    for heading in re.findall(r"^#+ (.*)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        found.add(next(f"{slug}-{i}" if i else slug for i in range(99)
+                       if (f"{slug}-{i}" if i else slug) not in found))
+    return found
+
+
+def test_readme_links_and_the_result_files_they_cite_exist():
+    """Every relative link in README.md, experiments/README.md and runs/README.md reaches a file of
+    the repository (a figure, a script, a page) and, with #anchor, a heading of it; every
+    experiments/results/ file they name (in code too) exists. Bug it catches: a figure or result
+    file renamed, moved or never committed, a heading reworded under a table of contents that
+    still points at it: the reader who follows the link finds nothing."""
+    broken, followed = [], 0
+    for page in (ROOT / "README.md", ROOT / "experiments" / "README.md", ROOT / "runs/README.md"):
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if not re.match(r"https?://", target):
+                path, _, anchor = target.partition("#")
+                followed += 1
+                dest = (page.parent / path).resolve() if path else page
+                if not dest.is_file() or anchor and anchor not in anchors(dest.read_text()):
+                    broken.append(f"{page.relative_to(ROOT)}: ({target})")
+        for cited in re.findall(r"experiments/results/[\w./-]*\w", page.read_text()):
+            followed += 1
+            if not (ROOT / cited).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {cited}")
+    assert not broken, "\n".join(broken)
+    assert followed > 50  # the contents' anchors, the figures, the result files
+    assert "the-mutation-sweep-do-the-tests-catch-real-bugs" in anchors(
+        (ROOT / "experiments" / "README.md").read_text())
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules")  # (runpy: -m of an imported module)
+def test_every_documented_command_parses(monkeypatch):
+    """Each command that README.md, experiments/README.md, a script's docstring or a recorded result
+    prints is accepted by its script's argparse (flag names, types, choices, subcommands): the
+    script runs in this process until its first parse_args returns. Bug it catches: a flag renamed
+    or dropped, or a script moved, while the documentation (or the record beside a number) still
+    prints the old command, which then fails for every reader who copies it."""
+    commands = documented_commands()
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.chdir(ROOT)
+    failed, checked = [], set()
+    for where, argv in commands:
+        if (key := tuple(argv)) in checked:
+            continue
+        checked.add(key)
+        monkeypatch.setattr(sys, "argv", [argv[0], *argv[2 if argv[0] == "-m" else 1:]])
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+                if argv[0] == "-m":
+                    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
+            failed.append(f"{where}: {shlex.join(argv)}: never parsed its arguments")
+        except Parsed:
+            pass
+        except (SystemExit, Exception) as e:
+            why = errors.getvalue().strip().splitlines()[-1:] or [f"{type(e).__name__}: {e}"]
+            failed.append(f"{where}: {shlex.join(argv)}: {why[0]}")
+    assert not failed, "\n".join(failed)
+    # the extraction found them all: the headline run, a harness, a recorded result, torchrun
+    assert len(checked) > 100 and {("ncsn.py", "--epochs", "200"), (".ci/gpu", "--cpu-smoke"),
+                                   ("-m", "experiments.ncsn_laptop", "report"),
+                                   ("vae.py", "--eval", "runs/RUN", "--no-amp")} <= checked
+    assert any(argv[:2] == ["-m", "experiments.likelihood"] and "--ais-steps" in argv
+               for where, argv in commands if where == "experiments/results/equal_time.json")
 
 
 @pytest.mark.skipif(not REAL_DATA.exists(),

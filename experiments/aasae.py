@@ -4,7 +4,7 @@ the encoder sees a random SimCLR view t(x) of each image while the decoder score
 
     python experiments/aasae.py --epochs 200                 # any of vae.py's flags; beta = 0 here
     python experiments/aasae.py --resume runs/RUN            # (vae.py refuses: it has no views)
-    python vae.py --sample runs/RUN   /   --eval runs/RUN    # the network is vae.py's
+    python vae.py --sample runs/RUN                          # or --eval: vae.py's network
     python experiments/vae_probe.py runs/RUN                 # the linear probe of its codes
     torchrun --standalone --nproc_per_node=8 experiments/aasae.py --epochs 200
 

@@ -406,6 +406,10 @@ MUTANTS = {"ncsn.py": [
 ], "experiments/ncsn_laptop.py": [
     ("laptop_report_needs_runs", "the laptop report reads every run its record names, present or "
      "not", 'if (run / "checkpoint.pt").exists():', "if True:", "harness_children"),
+], "experiments/bench.py": [
+    ("bench_flag_renamed", "a flag renamed while a docstring still prints the old name: "
+     "--memory-format as --layout", 'p.add_argument("--memory-format",',
+     'p.add_argument("--layout",', "documented_command"),
 ]}
 
 
