@@ -2,7 +2,7 @@
 
     python ncsn.py --epochs 200                     # NCSNv2's recipe on one GPU (--preset ncsn2019)
     python ncsn.py --sample runs/RUN --n 64         # samples.png, samples.npz, trajectory.png
-    python ncsn.py --eval runs/RUN --sampler ode --nfe 58 --n 50000   # FID / IS / KID, test DSM
+    python ncsn.py --eval runs/RUN --sampler ode --nfe 57 --n 50000   # FID / IS / KID, test DSM
     torchrun --standalone --nproc_per_node=8 ncsn.py --epochs 200
 
 The idea (Song & Ermon 2019, https://arxiv.org/abs/1907.05600). A generative model needs only the
