@@ -72,6 +72,8 @@ SCHEMES = {  # name: (restart rate, SGLD steps); 128 negatives per update, TOY["
 }
 TOYS = ("8gaussians", "rings")
 STD = {"8gaussians": 0.15, "rings": 0.08}  # toys.toy_data's noise
+ANGLES = torch.arange(8, dtype=torch.float64) * math.pi / 4
+CENTRES = 2 * torch.stack([ANGLES.cos(), ANGLES.sin()], 1)  # 8gaussians' modes, radius 2
 MEASURES = ("tv", "weight_tv", "off_mode", "origin", "shape_tv", "location_std", "covered",
             "samples_weight_tv", "samples_off_mode", "samples_far")
 
@@ -90,9 +92,7 @@ def true_density(name, points):
     (I0: the modified Bessel function, the angle's average of exp(r k cos(angle) / s^2))."""
     var = STD[name] ** 2
     if name == "8gaussians":
-        angle = torch.arange(8, dtype=torch.float64) * math.pi / 4
-        centres = 2 * torch.stack([angle.cos(), angle.sin()], 1)
-        sq = ((points[:, None] - centres) ** 2).sum(-1) / var
+        sq = ((points[:, None] - CENTRES) ** 2).sum(-1) / var
         return (torch.exp(-sq / 2) / (2 * math.pi * var)).mean(1)
     radius = points.norm(dim=1)  # rings of radius 1, 2, 3, equally likely; i0e(x) = exp(-x) I0(x)
     rings = [torch.exp(-(radius - k) ** 2 / (2 * var)) * torch.special.i0e(radius * k / var)
@@ -103,8 +103,7 @@ def true_density(name, points):
 def mode_regions(name, points):
     """The mode each point belongs to (0..K-1), or K for none; and the true mode weights (K,)."""
     if name == "8gaussians":  # within 4 std of one of the 8 centres
-        angle = torch.arange(8, dtype=torch.float64) * math.pi / 4
-        dist = torch.cdist(points, 2 * torch.stack([angle.cos(), angle.sin()], 1))
+        dist = torch.cdist(points, CENTRES)
         nearest = dist.argmin(1)
         return torch.where(dist.min(1).values < 4 * STD[name], nearest, 8), torch.full((8,), 1 / 8)
     radius = points.norm(dim=1)  # rings: the nearest of radii 1, 2, 3, within 0.5
@@ -143,9 +142,7 @@ def compare(name, q, points):
 def mode_distance(name, points):
     """Each point's distance to the nearest mode (a centre, or a ring's circle), in data stds."""
     if name == "8gaussians":
-        angle = torch.arange(8, dtype=torch.float64) * math.pi / 4
-        centres = 2 * torch.stack([angle.cos(), angle.sin()], 1)
-        return torch.cdist(points, centres).min(1).values / STD[name]
+        return torch.cdist(points, CENTRES).min(1).values / STD[name]
     radius = points.norm(dim=1)
     return (radius - radius.round().clamp(1, 3)).abs() / STD[name]
 
@@ -234,8 +231,7 @@ def region_outlines(ax, name):
     import matplotlib.pyplot as plt
 
     if name == "8gaussians":
-        outlines = [(2 * math.cos(a * math.pi / 4), 2 * math.sin(a * math.pi / 4), 4 * STD[name])
-                    for a in range(8)]
+        outlines = [(x, y, 4 * STD[name]) for x, y in CENTRES.tolist()]
     else:
         outlines = [(0, 0, 0.5), (0, 0, 3.5)]
     for x, y, radius in outlines:
