@@ -9,7 +9,7 @@ repository root:
 
     # 3 runs, 2 at a time
     OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 600 presets
-    # 5 more
+    # 6 more
     OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 600 ablation
     # tables, figures
     OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques report
