@@ -67,7 +67,7 @@ MODEL = "ebm"
 # The network: IGEBM's unconditional ResNet32Large (its official code, models.py)
 # ----------------------------------------------------------------------------------------------
 # No BatchNorm: an image's energy must not depend on its batch. Spectral normalisation bounds each
-# conv's Lipschitz constant: the energy cannot become arbitrarily steep. Unlike IGEBM: SiLU for its
+# conv's Lipschitz constant (the gains and the last layer are free). Unlike IGEBM: SiLU for its
 # leaky ReLU (SGLD follows grad_x E, piecewise constant under ReLU, smooth under SiLU), and ordinary
 # conv biases for its learned bias on a conv's input (not the same near the zero-padded border).
 
@@ -115,7 +115,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.conv1 = spectral_norm(nn.Conv2d(c_in, c_out, 3, padding=1))
         conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.normal_(conv2.weight, std=1e-10), nn.init.zeros_(conv2.bias)  # an identity at first
+        nn.init.normal_(conv2.weight, std=1e-10), nn.init.zeros_(conv2.bias)  # branch ~0 at first
         self.conv2 = spectral_norm(conv2, at_most_one=True)  # / max(sigma, 1) keeps it so
         self.gain = nn.Parameter(torch.ones(c_out, 1, 1))  # the branch may grow past SN's bound 1
         shortcut = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
@@ -240,12 +240,12 @@ def update_ema(ema, net, decay, step):
 
 
 def clip_like_igebm(optimizer):
-    """IGEBM's clip (its custom Adam): each gradient entry to +-(3 sqrt(v_hat) + 0.1), v_hat Adam's
-    bias-corrected second moment before this step: no entry beyond three of its running standard
-    deviations (0.1 at the first step). An optimiser without Adam's state is left alone."""
-    for group in optimizer.param_groups:
+    """IGEBM's clip (its custom Adam): each gradient entry to +-(3 sqrt(v_hat) + 0.1), v_hat = v_t /
+    (1 - beta2^(t+1)) as IGEBM corrects it: no entry beyond three running standard deviations (0.1
+    at the first step). Not an Adam (no betas, e.g. SGD): left alone."""
+    for group in (g for g in optimizer.param_groups if "betas" in g):
         for p in group["params"]:
-            state, beta2 = optimizer.state[p], group.get("betas", (0, 0.999))[1]
+            state, beta2 = optimizer.state[p], group["betas"][1]
             if p.grad is not None and "exp_avg_sq" in state:
                 bound = 3 * (state["exp_avg_sq"] / (1 - beta2 ** (state["step"] + 1))).sqrt() + 0.1
                 p.grad.copy_(torch.minimum(torch.maximum(p.grad, -bound), bound))
@@ -555,7 +555,7 @@ def setup_device(args):
     if not found.get(name, True):
         raise UserError(f"--device {name}: not available on this machine")
     device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0)) if name == "cuda" else None)
-    if name == "cuda":  # (TF32 stays off: what runs in float32 is meant to)
+    if name == "cuda":  # (TF32 as torch sets it: on in cuDNN's float32 convolutions only)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN may pick its fastest kernels
     if world > 1:  # (torch.distributed.nn before the group: its functions' defaults, group=WORLD,

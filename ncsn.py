@@ -78,7 +78,7 @@ class ResBlock(nn.Module):
         self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, c_out) if emb_dim else None  # None: f(x) is unconditional
         self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # every block starts as the identity
+        nn.init.zeros_(self.conv2.weight)  # the block starts as its skip path (+ conv2's bias)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb):
@@ -320,8 +320,8 @@ def test_metrics(net, images, sigmas, args, device, dtype):
 
 
 def preview_args(args):
-    """The previews' sampler: the probability-flow ODE at 50 network evaluations (an 'embed'
-    network: its own levels at most), which draws a Gaussian's spread within 2% (tested)."""
+    """The previews' sampler: the probability-flow ODE on a budget of 50 network evaluations (49
+    used; an 'embed' network: its own levels at most): a Gaussian's spread within 2% (tested)."""
     nfe = min(50, network_evaluations("ode", args.num_scales, 1, args.denoise))
     return argparse.Namespace(**{**vars(args), "sampler": "ode", "nfe": nfe})
 
@@ -354,7 +354,7 @@ def train(args):
               f"{len(train_images)} images, {len(loader)} steps an epoch on {device} x {world}, "
               f"{dtype or torch.float32}; sigma_1 {args.sigma_max:g}: the largest distance between "
               f"training images is {common.largest_distance(train_images, 2000):.1f} (technique 1)")
-        if step == 0:  # the baseline: a zero score (the initial network) scores D/2 = 1536
+        if step == 0:  # the baseline: the initial score is near 0 (a zero score: D/2 = 1536)
             log(0, epoch=0, **test_metrics(ema, test_images, sigmas, args, device, dtype))
     streak = worst = torch.zeros((), device=device)  # divergence signs in a row, on the device
     for epoch in range(start + 1, args.epochs + 1):
@@ -597,7 +597,7 @@ def setup_device(args):
     if not found.get(name, True):
         raise UserError(f"--device {name}: not available on this machine")
     device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0)) if name == "cuda" else None)
-    if name == "cuda":  # (TF32 stays off: what runs in float32 is meant to)
+    if name == "cuda":  # (TF32 as torch sets it: on in cuDNN's float32 convolutions only)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN may pick its fastest kernels
     if world > 1:  # (torch.distributed.nn before the group: its functions' defaults, group=WORLD,

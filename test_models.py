@@ -2547,10 +2547,11 @@ def test_ebm_a_gradient_step_on_the_loss_lowers_data_energy_relative_to_negative
 
 
 def test_ebm_gradient_clip_is_igebms_per_entry_bound():
-    """IGEBM clips each gradient entry to +-(3 sqrt(v_hat) + 0.1), v_hat Adam's bias-corrected
-    second moment before the step (its custom_adam.py): 0.1 at the first step. Bugs it catches: a
-    global-norm clip instead (what ebm.py had: 0.1 on the whole gradient's norm), the bias
-    correction left out or taken one step late."""
+    """IGEBM clips each gradient entry to +-(3 sqrt(v_hat) + 0.1), v_hat Adam's second moment
+    corrected for the step being taken (its custom_adam.py): 0.1 at the first step; an optimiser
+    that is not an Adam is left alone. Bugs it catches: a global-norm clip instead (what ebm.py
+    had: 0.1 on the whole gradient's norm), the bias correction left out or taken one step late,
+    every SGD gradient clipped to +-0.1 (SGD never has Adam's state)."""
     w = torch.nn.Parameter(torch.zeros(4))
     optimizer = torch.optim.Adam([w], lr=1e-3, betas=(0.0, 0.999))
     w.grad = torch.tensor([5.0, -5.0, 0.05, -0.05])
@@ -2566,6 +2567,10 @@ def test_ebm_gradient_clip_is_igebms_per_entry_bound():
         w.grad, torch.maximum(torch.minimum(torch.tensor([5.0, -5.0, 0.05, -0.05]), bound), -bound))
     assert abs(w.grad[0].item()
                - (3 * 0.1 / math.sqrt(1 - 0.999**2) * math.sqrt(0.001) + 0.1)) < 1e-5
+    sgd = torch.optim.SGD([w], lr=1e-3)
+    w.grad = torch.tensor([5.0, -5.0, 0.05, -0.05])
+    ebm.clip_like_igebm(sgd)
+    assert torch.equal(w.grad, torch.tensor([5.0, -5.0, 0.05, -0.05]))
 
 
 def test_ebm_toy_energy_is_lower_at_the_modes_than_between_them():

@@ -235,6 +235,9 @@ MUTANTS = {"ncsn.py": [
      "ebm and (non_finite or divergence or rollback or a_step_whose)"),
     ("ebm_ema_wrong_way", "EMA decay applied the wrong way round",
      "e.lerp_(p, 1 - d)", "e.lerp_(p, d)", "ebm_ema"),
+    ("ebm_clip_sgd", "IGEBM's clip applied to an optimiser with no Adam state: every SGD "
+     "gradient entry clipped to +-0.1", 'optimizer.param_groups if "betas" in g)',
+     "optimizer.param_groups)", "ebm_gradient_clip"),
     ("ebm_rollback_lr_kept", "a rollback keeps the lr", 'param_groups[0]["lr"] * args.lr_drop',
      'param_groups[0]["lr"] * 1.0', "ebm_divergence"),
     ("ebm_buffer_share_first", "a resumed rank takes the first chains whatever its rank",
