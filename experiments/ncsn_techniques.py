@@ -8,9 +8,9 @@ runs/figures/ncsn_techniques_samples.png (every run's samples), and the techniqu
 repository root:
 
     # 3 runs, 2 at a time
-    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 600 presets
+    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 300 presets
     # 6 more
-    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 600 ablation
+    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 300 ablation
     # tables, figures
     OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques report
     # technique 4
@@ -247,7 +247,7 @@ def report():
                 title="one technique off at a time (above 1: worse)")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.suptitle("NCSN on the JPEG copy of CIFAR-10, CPU-scale (width 32, ~10 CPU minutes per run)")
+    fig.suptitle("NCSN on the JPEG copy of CIFAR-10, CPU-scale (width 32, 500 steps per run)")
     fig.tight_layout()
     fig.savefig(ROOT / "runs" / "figures" / "ncsn_techniques.png", dpi=90)
     plt.close(fig)
