@@ -7,10 +7,11 @@ runs/figures/ncsn_techniques_samples.png (every run's samples), and the techniqu
 (T, eps on the exact score of a Gaussian: experiments/results/ncsn_technique4.md). From the
 repository root:
 
-    # 3 runs, 2 at a time
-    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 300 presets
+    # 3 runs, 2 at a time (--epochs 5: the recorded 500 steps; --budget S instead gives each the
+    # epochs that fill S CPU seconds of this machine)
+    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --epochs 5 presets
     # 6 more
-    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --budget 300 ablation
+    OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques train --epochs 5 ablation
     # tables, figures
     OMP_NUM_THREADS=1 python -m experiments.ncsn_techniques report
     # technique 4
@@ -100,13 +101,13 @@ def cpu_seconds_per_step(names, steps=6, rounds=3):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def train(names, budget, parallel=2):
-    """Each configuration for --budget CPU seconds (whole epochs of 100 steps), `parallel` at a
-    time."""
+def train(names, budget, parallel=2, epochs=None):
+    """Each configuration for --budget CPU seconds (whole epochs of 100 steps), or for --epochs on
+    any machine, `parallel` at a time."""
     per_step = cpu_seconds_per_step(names)
     RECORD.parent.mkdir(parents=True, exist_ok=True)
     record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
-    queue = [(name, max(1, round(budget / (per_step[name] * 100)))) for name in names]
+    queue = [(name, epochs or max(1, round(budget / (per_step[name] * 100)))) for name in names]
     running = {}
     while queue or running:
         while queue and len(running) < parallel:
@@ -320,6 +321,8 @@ def main(argv=None):
     t.add_argument("--budget", type=float, default=600, help="CPU seconds of one thread per run")
     t.add_argument("--parallel", type=int, default=2, help="runs at a time")
     t.add_argument("--only", help="comma-separated configurations of the group (default: all)")
+    t.add_argument("--epochs", type=common.positive_int,
+                   help="epochs of every run instead of those that fill --budget on this machine")
     sub.add_parser("report",
                    help="per-sigma test DSM tables, figure and sample grids from the runs")
     sub.add_parser("langevin", help="technique 4: (T, eps) on the exact score of a Gaussian")
@@ -328,7 +331,7 @@ def main(argv=None):
         names = args.only.split(",") if args.only else GROUPS[args.group]
         if not set(names) <= set(GROUPS[args.group]):
             p.error(f"--only: choose from {', '.join(GROUPS[args.group])}")
-        train(names, args.budget, args.parallel)
+        train(names, args.budget, args.parallel, args.epochs)
     elif args.command == "report":
         report()
     else:
