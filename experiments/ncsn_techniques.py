@@ -29,8 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -38,6 +36,7 @@ import torch
 
 import common
 import ncsn
+from experiments.equal_time import exit_code, launch, shown
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = ROOT / "experiments" / "results" / "ncsn_techniques.json"
@@ -111,26 +110,22 @@ def train(names, budget, parallel=2, epochs=None):
     running = {}
     while queue or running:
         while queue and len(running) < parallel:
-            name, epochs = queue.pop(0)
+            name, n_epochs = queue.pop(0)
             before = set((ROOT / "runs").glob(f"ncsn__techniques-{name}__*"))
-            cmd = [sys.executable, str(ROOT / "ncsn.py"), *argv_of(name), "--epochs", str(epochs)]
-            (ROOT / "runs").mkdir(exist_ok=True)
-            log = open(ROOT / "runs" / f"ncsn_techniques_{name}.log", "w")
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
-            running[proc.pid] = (name, epochs, before, time.time(), " ".join(cmd[1:]))
-            print(f"started {name}: {epochs} epochs ({per_step[name]:.2f} CPU s per step measured)",
-                  flush=True)
+            cmd = [ROOT / "ncsn.py", *argv_of(name), "--epochs", n_epochs]
+            log = ROOT / "runs" / f"ncsn_techniques_{name}.log"
+            running[launch(cmd, log).pid] = (name, n_epochs, before, time.time(), cmd, log)
+            print(f"started {name}: {n_epochs} epochs ({per_step[name]:.2f} CPU s per step "
+                  "measured)", flush=True)
         pid, status, usage = os.wait4(-1, 0)  # the finished child's own rusage: its CPU seconds
-        name, epochs, before, wall_start, cmd = running.pop(pid)
+        name, n_epochs, before, wall_start, cmd, log = running.pop(pid)
+        status = exit_code(status, log)
         new = sorted(set((ROOT / "runs").glob(f"ncsn__techniques-{name}__*")) - before)
         record[name] = {"run": str(new[-1].relative_to(ROOT)) if new else None,
-                        "exit_status": status, "epochs": epochs, "steps": epochs * 100,
+                        "exit_status": status, "epochs": n_epochs, "steps": n_epochs * 100,
                         "cpu_seconds": usage.ru_utime + usage.ru_stime,
                         "wall_seconds": time.time() - wall_start,
-                        "cpu_seconds_per_step_measured": per_step[name],
-                        "command": f"OMP_NUM_THREADS=1 python {cmd}".replace(DATA[1], "$JPEG")
-                        .replace(str(ROOT) + "/", "")}
+                        "cpu_seconds_per_step_measured": per_step[name], "command": shown(cmd)}
         RECORD.write_text(json.dumps(record, indent=2))
         print(f"finished {name}: exit {status}, {record[name]['cpu_seconds']:.0f} CPU s, "
               f"{record[name]['wall_seconds']:.0f} s wall", flush=True)
