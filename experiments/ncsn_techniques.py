@@ -114,11 +114,14 @@ def train(names, budget, parallel=2, epochs=None):
             before = set((ROOT / "runs").glob(f"ncsn__techniques-{name}__*"))
             cmd = [ROOT / "ncsn.py", *argv_of(name), "--epochs", n_epochs]
             log = ROOT / "runs" / f"ncsn_techniques_{name}.log"
-            running[launch(cmd, log).pid] = (name, n_epochs, before, time.time(), cmd, log)
+            # the Popen stays in `running`: one collected while its child runs is reaped by the
+            # next Popen, and os.wait4 would never see that child
+            proc = launch(cmd, log)
+            running[proc.pid] = (proc, name, n_epochs, before, time.time(), cmd, log)
             print(f"started {name}: {n_epochs} epochs ({per_step[name]:.2f} CPU s per step "
                   "measured)", flush=True)
         pid, status, usage = os.wait4(-1, 0)  # the finished child's own rusage: its CPU seconds
-        name, n_epochs, before, wall_start, cmd, log = running.pop(pid)
+        _, name, n_epochs, before, wall_start, cmd, log = running.pop(pid)
         status = exit_code(status, log)
         new = sorted(set((ROOT / "runs").glob(f"ncsn__techniques-{name}__*")) - before)
         record[name] = {"run": str(new[-1].relative_to(ROOT)) if new else None,
