@@ -640,6 +640,7 @@ def test_readme_quick_start_is_what_ci_runs_and_what_the_tests_exercise():
 
 
 SHELL_VARIABLES = {"JPEG": "cifar10", "DATA": "cifar10", "s": "1", "K": "1000"}  # loop variables
+FENCED = re.compile(r"^```\w*\n(.*?)^```", re.S | re.M)  # a Markdown code block
 
 
 def commands_in(text, variables):
@@ -669,6 +670,18 @@ def commands_in(text, variables):
     return out
 
 
+def recorded_commands(node, key=""):
+    """The strings under "command" keys of a results file (and vae_aasae.json's probe_commands;
+    its train_commands are as they ran, when vae.py had --preset aasae and --preset vae:
+    experiments/README.md, "AASAE", says so)."""
+    if isinstance(node, dict):
+        return [c for k, v in node.items()
+                for c in recorded_commands(v, "command" if key == "probe_commands" else k)]
+    if isinstance(node, list):
+        return [c for v in node for c in recorded_commands(v, key)]
+    return [node] if key == "command" else []
+
+
 def documented_commands():
     """(where, argv) of every command the repository prints for its reader: README.md's and
     experiments/README.md's code (fenced blocks with their shell variables, and inline code), the
@@ -676,9 +689,9 @@ def documented_commands():
     found = []
     for name in ("README.md", "experiments/README.md"):
         text, variables = (ROOT / name).read_text(), dict(SHELL_VARIABLES)
-        for block in re.findall(r"^```\w*\n(.*?)^```", text, re.S | re.M):
+        for block in FENCED.findall(text):
             found += [(name, argv) for argv in commands_in(block, variables)]
-        prose = re.sub(r"^```\w*\n.*?^```", "", text, flags=re.S | re.M)
+        prose = FENCED.sub("", text)
         for span in re.findall(r"`((?:python|torchrun) [^`\n]+)`", prose):
             found += [(name, argv) for argv in commands_in(span, dict(SHELL_VARIABLES))]
     for path in [*ROOT.glob("*.py"), *ROOT.glob("experiments/*.py"), ROOT / ".ci" / "gpu"]:
@@ -688,16 +701,7 @@ def documented_commands():
         found += [(path.relative_to(ROOT).as_posix(), argv)
                   for argv in commands_in(usage, dict(SHELL_VARIABLES))]
     for path in (ROOT / "experiments" / "results").rglob("*.json"):
-        # every "command" and vae_aasae.json's probe_commands (its train_commands are as they ran,
-        # when vae.py had --preset aasae and --preset vae: experiments/README.md, "AASAE", says so)
-        def recorded(node, key=""):
-            if isinstance(node, dict):
-                return [c for k, v in node.items()
-                        for c in recorded(v, "command" if key == "probe_commands" else k)]
-            if isinstance(node, list):
-                return [c for v in node for c in recorded(v, key)]
-            return [node] if key == "command" else []
-        lines = recorded(json.loads(path.read_text()))
+        lines = recorded_commands(json.loads(path.read_text()))
         found += [(path.relative_to(ROOT).as_posix(), argv)
                   for argv in commands_in("\n".join(lines), dict(SHELL_VARIABLES))]
     # `python <model>.py ...` stands for each of the three
@@ -712,12 +716,11 @@ class Parsed(Exception):
 def anchors(markdown):
     """The #anchors a Markdown page has on GitHub: each heading's slug (lower case, punctuation
     dropped, spaces as hyphens; a repeated one gets -1, -2, ...) and each <a id="...">."""
-    text = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
+    text = FENCED.sub("", markdown)
     found = set(re.findall(r'<a id="([^"]+)">', text))
     for heading in re.findall(r"^#+ (.*)$", text, re.M):
         slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-        found.add(next(f"{slug}-{i}" if i else slug for i in range(99)
-                       if (f"{slug}-{i}" if i else slug) not in found))
+        found.add(next(s for s in (slug, *(f"{slug}-{i}" for i in range(1, 99))) if s not in found))
     return found
 
 
@@ -727,15 +730,17 @@ def test_readme_links_and_the_result_files_they_cite_exist():
     experiments/results/ file they name (in code too) exists. Bug it catches: a figure or result
     file renamed, moved or never committed, a heading reworded under a table of contents that
     still points at it: the reader who follows the link finds nothing."""
-    broken, followed = [], 0
+    broken, followed, page_anchors = [], 0, {}
     for page in (ROOT / "README.md", ROOT / "experiments" / "README.md", ROOT / "runs/README.md"):
-        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+        text = FENCED.sub("", page.read_text())
         for target in re.findall(r"\]\(([^)\s]+)\)", text):
             if not re.match(r"https?://", target):
                 path, _, anchor = target.partition("#")
                 followed += 1
                 dest = (page.parent / path).resolve() if path else page
-                if not dest.is_file() or anchor and anchor not in anchors(dest.read_text()):
+                if anchor and dest.is_file() and dest not in page_anchors:
+                    page_anchors[dest] = anchors(dest.read_text())
+                if not dest.is_file() or anchor and anchor not in page_anchors[dest]:
                     broken.append(f"{page.relative_to(ROOT)}: ({target})")
         for cited in re.findall(r"experiments/results/[\w./-]*\w", page.read_text()):
             followed += 1
