@@ -288,7 +288,7 @@ def train_step(model, net, optimizer, scaler, x, beta, args, state, dtype, view=
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)  # the gradients' true size (under float16) before clipping
     # VDVAE skips an update whose gradient norm passes a fixed threshold (400 on CIFAR-10); here it
-    # is clipped to --skip-factor times the norms' running average, a bound that follows their scale
+    # is clipped to --skip-factor x the norms' running average (float16's loss scale stays as is)
     average = state["grad_norm_avg"]
     bound = args.skip_factor * average  # a norm beyond it is an outlier
     max_norm = bound.clamp(max=args.grad_clip or math.inf)  # (--grad-clip: a fixed cap as well)
