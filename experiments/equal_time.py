@@ -13,8 +13,8 @@ experiments/bench.py does), gives it the whole epochs that fill the budget, runs
 previews included) in experiments/results/equal_time.json. `likelihood` runs
 experiments/likelihood.py on each run (the same --n test images for all three) and records its
 CPU seconds too (the defaults, 100 images, IWAE K = 1000 and AIS 1000 x 100, took 1,988 CPU s of
-one thread; `likelihood --n 2 --iw-samples 10 --ais-steps 10 --chains 4` is a quick look, which
-replaces the recorded bits/dim: `git checkout experiments/results/equal_time.json` after). NCSN uses
+one thread). A quick look writes its own record: `train --budget 60 --record runs/quick.json`, then
+`likelihood --n 2 --iw-samples 10 --ais-steps 10 --chains 4 --record runs/quick.json`. NCSN uses
 the laptop recipe of experiments/ncsn_laptop.py. A child that fails prints its last line and leaves
 its whole output in runs/equal-time_*.log.
 """
@@ -91,9 +91,9 @@ def shown(cmd):
     return text.replace(str(ROOT) + "/", "")
 
 
-def train(budget, parallel):
+def train(budget, parallel, where):
     torch.set_num_threads(1)
-    record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    record = json.loads(where.read_text()) if where.exists() else {}
     jobs = []
     for model, (flags, images) in CONFIGS.items():
         per_step, batch = cpu_seconds_per_step(model)
@@ -104,16 +104,16 @@ def train(budget, parallel):
     for model, cmd, per_step, epochs in jobs:
         while len(running) >= parallel:
             pid, status, usage = os.wait4(-1, 0)  # the child's own CPU seconds
-            done(record, running, pid, status, usage)
+            done(record, running, pid, status, usage, where)
         before = set((ROOT / "runs").glob(f"{model}__equal-time__*"))
         log = ROOT / "runs" / f"equal-time_{model}.log"
         running.append((launch(cmd, log), model, cmd, per_step, epochs, before, time.time(), log))
     while running:
         pid, status, usage = os.wait4(-1, 0)
-        done(record, running, pid, status, usage)
+        done(record, running, pid, status, usage, where)
 
 
-def done(record, running, pid, status, usage):
+def done(record, running, pid, status, usage, where):
     job = next(j for j in running if j[0].pid == pid)
     running.remove(job)
     _, model, cmd, per_step, epochs, before, start, log = job
@@ -123,14 +123,14 @@ def done(record, running, pid, status, usage):
                      "epochs": epochs, "cpu_seconds_per_step": per_step,
                      "cpu_seconds": usage.ru_utime + usage.ru_stime,
                      "wall_seconds": time.time() - start, "command": shown(cmd)}
-    RECORD.parent.mkdir(parents=True, exist_ok=True)
-    RECORD.write_text(json.dumps(record, indent=2))
+    where.parent.mkdir(parents=True, exist_ok=True)
+    where.write_text(json.dumps(record, indent=2))
     print(f"{model}: {epochs} epochs, {record[model]['cpu_seconds']:.0f} CPU s, exit {status}",
           flush=True)
 
 
-def likelihood(n, iw_samples, ais_steps, chains):
-    record = json.loads(RECORD.read_text())
+def likelihood(n, iw_samples, ais_steps, chains, where):
+    record = json.loads(where.read_text())
     asked = {"ncsn": [], "vae": ["--iw-samples", iw_samples],
              "ebm": ["--ais-steps", ais_steps, "--chains", chains]}
     for model in CONFIGS:
@@ -148,7 +148,7 @@ def likelihood(n, iw_samples, ais_steps, chains):
         row = json.loads((ROOT / record[model]["run"] / "likelihood.json").read_text())
         record[model]["likelihood"] = {**row, "cpu_seconds": usage.ru_utime + usage.ru_stime,
                                        "exit_status": status, "command": shown(cmd)}
-        RECORD.write_text(json.dumps(record, indent=2))
+        where.write_text(json.dumps(record, indent=2))
         print(f"{model}: {row['bits_per_dim']:.3f} bits/dim ({row['method']})", flush=True)
 
 
@@ -163,11 +163,14 @@ def main(argv=None):
     lik.add_argument("--iw-samples", type=int, default=1000, help="the VAE's IWAE K")
     lik.add_argument("--ais-steps", type=int, default=1000, help="the EBM's AIS steps")
     lik.add_argument("--chains", type=int, default=100, help="the EBM's AIS chains per repeat")
+    for command in (t, lik):
+        command.add_argument("--record", type=Path, default=RECORD,
+                             help="the record read and written (a quick look: a file of its own)")
     args = p.parse_args(argv)
     if args.command == "train":
-        train(args.budget, args.parallel)
+        train(args.budget, args.parallel, args.record)
     else:
-        likelihood(args.n, args.iw_samples, args.ais_steps, args.chains)
+        likelihood(args.n, args.iw_samples, args.ais_steps, args.chains, args.record)
 
 
 if __name__ == "__main__":

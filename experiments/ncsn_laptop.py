@@ -1,7 +1,8 @@
 """What a short CPU run of ncsn.py learns first, and the recipe that shows image structure soonest.
 
-    # the runs, one at a time
-    OMP_NUM_THREADS=1 python -m experiments.ncsn_laptop train --budget 600
+    # the runs, one at a time (--epochs 5: the recorded 500 steps; --budget S instead gives each
+    # the epochs that fill S CPU seconds of this machine)
+    OMP_NUM_THREADS=1 python -m experiments.ncsn_laptop train --epochs 5
     # tables and the figure
     OMP_NUM_THREADS=1 python -m experiments.ncsn_laptop report
 
@@ -73,29 +74,29 @@ def cpu_seconds_per_step(name, steps=4):
     return (time.process_time() - start) / steps
 
 
-def train(names, budget):
-    """Each configuration for about `budget` CPU seconds (whole epochs of 100 steps), one at a
-    time."""
+def train(names, budget, epochs=None):
+    """Each configuration for about `budget` CPU seconds (whole epochs of 100 steps), or for
+    `epochs` on any machine, one at a time."""
     torch.set_num_threads(1)
     RECORD.parent.mkdir(parents=True, exist_ok=True)
     record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
     for name in names:
         per_step = cpu_seconds_per_step(name)
-        epochs = max(1, round(budget / (per_step * 100)))
+        n_epochs = epochs or max(1, round(budget / (per_step * 100)))
         cmd = [str(ROOT / "ncsn.py"), *SMALL, *CONFIGS[name][0], "--name", f"laptop-{name}",
-               "--epochs", str(epochs)]
+               "--epochs", str(n_epochs)]
         before, start = set((ROOT / "runs").glob(f"ncsn__laptop-{name}__*")), time.time()
         log = ROOT / "runs" / f"ncsn-laptop_{name}.log"
         _, status, usage = os.wait4(launch(cmd, log).pid, 0)  # the child's own CPU seconds
         status = exit_code(status, log)
         run = sorted(set((ROOT / "runs").glob(f"ncsn__laptop-{name}__*")) - before)
         record[name] = {"run": str(run[-1].relative_to(ROOT)) if run else None,
-                        "exit_status": status, "epochs": epochs, "steps": 100 * epochs,
+                        "exit_status": status, "epochs": n_epochs, "steps": 100 * n_epochs,
                         "cpu_seconds": usage.ru_utime + usage.ru_stime,
                         "wall_seconds": time.time() - start, "cpu_seconds_per_step": per_step,
                         "command": shown(cmd)}
         RECORD.write_text(json.dumps(record, indent=2))
-        print(f"{name}: {epochs} epochs, {record[name]['cpu_seconds']:.0f} CPU s, exit {status}",
+        print(f"{name}: {n_epochs} epochs, {record[name]['cpu_seconds']:.0f} CPU s, exit {status}",
               flush=True)
 
 
@@ -173,11 +174,13 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the configurations at equal CPU time")
     t.add_argument("--budget", type=float, default=600, help="CPU seconds of one thread per run")
+    t.add_argument("--epochs", type=common.positive_int,
+                   help="epochs of every run instead of those that fill --budget on this machine")
     t.add_argument("--only", help="comma-separated configuration names (default: all)")
     sub.add_parser("report", help="tables and figure from the runs")
     args = p.parse_args(argv)
     if args.command == "train":
-        train(args.only.split(",") if args.only else list(CONFIGS), args.budget)
+        train(args.only.split(",") if args.only else list(CONFIGS), args.budget, args.epochs)
     else:
         report()
 
