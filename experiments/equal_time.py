@@ -14,7 +14,8 @@ previews included) in experiments/results/equal_time.json. `likelihood` runs
 experiments/likelihood.py on each run (the same --n test images for all three) and records its
 CPU seconds too (the defaults, 100 images, IWAE K = 1000 and AIS 1000 x 100, took 1,988 CPU s of
 one thread). A quick look writes its own record: `train --budget 60 --record runs/quick.json`, then
-`likelihood --n 2 --iw-samples 10 --ais-steps 10 --chains 4 --record runs/quick.json`. NCSN uses
+`likelihood --n 2 --iw-samples 10 --ais-steps 10 --chains 4 --record runs/quick.json` (its runs are
+named equal-time too: move them out of runs/ before compare.py). NCSN uses
 the laptop recipe of experiments/ncsn_laptop.py. A child that fails prints its last line and leaves
 its whole output in runs/equal-time_*.log.
 """
