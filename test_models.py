@@ -3386,6 +3386,36 @@ def test_harness_children_name_their_failure_and_the_laptop_report_keeps_recorde
     assert (tmp_path / "laptop.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_harness_runner_records_every_child_and_keeps_the_record(tmp_path, monkeypatch, capsys):
+    """run_children, which equal_time, ncsn_laptop and ncsn_techniques share. Bugs it catches: a
+    failed child recorded with the raw wait status (256) or without its reason, a child's run
+    folder or its harness's own fields (epochs, ...) missing from its row, and a record file whose
+    earlier rows are dropped when a new run is written into it."""
+    from experiments import equal_time
+
+    monkeypatch.setattr(equal_time, "ROOT", tmp_path)  # children run in tmp_path, runs/ under it
+    (tmp_path / "runs").mkdir()
+    where = tmp_path / "record.json"
+    where.write_text(json.dumps({"earlier": {"run": "runs/earlier__1", "exit_status": 0}}))
+    jobs = [("one", ["-c", "import os; os.makedirs('runs/one__1')"], tmp_path / "one.log",
+             "one__*", {"epochs": 3}),
+            ("bad", ["-c", "import sys; sys.exit('ebm.py: error: why')"], tmp_path / "bad.log",
+             "bad__*", {"epochs": 1}),
+            ("two", ["-c", "import os, time; time.sleep(0.3); os.makedirs('runs/two__1')"],
+             tmp_path / "two.log", "two__*", {"epochs": 2, "steps": 200})]
+    equal_time.run_children(jobs, 2, where)
+    record = json.loads(where.read_text())
+    assert set(record) == {"earlier", "one", "bad", "two"}
+    assert [record[k]["exit_status"] for k in ("one", "bad", "two")] == [0, 1, 0]
+    assert [record[k]["run"] for k in ("one", "bad", "two")] == ["runs/one__1", None, "runs/two__1"]
+    assert record["two"]["epochs"] == 2 and record["two"]["steps"] == 200
+    assert record["one"]["command"] == \
+        "OMP_NUM_THREADS=1 python -c import os; os.makedirs('runs/one__1')"
+    assert all(record[k]["cpu_seconds"] >= 0 and record[k]["wall_seconds"] > 0
+               for k in ("one", "bad", "two"))
+    assert "failed (exit 1): ebm.py: error: why" in capsys.readouterr().err
+
+
 def test_ebm_precision_and_ood_experiments_run_on_a_trained_run(tiny_images, tmp_path):
     from experiments import ebm_ood, ebm_precision
 

@@ -92,42 +92,47 @@ def shown(cmd):
     return text.replace(str(ROOT) + "/", "")
 
 
+def run_children(jobs, parallel, where):
+    """Each job (key, command, log file, glob of its run folder under runs/, {more to record}) as a
+    child, `parallel` at a time. As each ends, the record in the JSON file `where` (kept, if there
+    is one) gets under key its run folder, exit status, its own CPU seconds (os.wait4's rusage:
+    evaluation and previews included), wall seconds and command. Each Popen stays in `running`
+    until its child is reaped: one collected while its child runs is reaped by the next Popen, and
+    os.wait4 would never see that child."""
+    jobs, running = list(jobs), {}
+    record = json.loads(where.read_text()) if where.exists() else {}
+    while jobs or running:
+        while jobs and len(running) < parallel:
+            key, cmd, log, pattern, more = jobs.pop(0)
+            before = set((ROOT / "runs").glob(pattern))
+            proc = launch(cmd, log)
+            running[proc.pid] = (proc, key, cmd, log, pattern, more, before, time.time())
+            print(f"started {key}: {more['epochs']} epochs", flush=True)
+        pid, status, usage = os.wait4(-1, 0)
+        _, key, cmd, log, pattern, more, before, start = running.pop(pid)
+        status = exit_code(status, log)
+        run = sorted(set((ROOT / "runs").glob(pattern)) - before)
+        record[key] = {"run": str(run[-1].relative_to(ROOT)) if run else None,
+                       "exit_status": status, **more,
+                       "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                       "wall_seconds": time.time() - start, "command": shown(cmd)}
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_text(json.dumps(record, indent=2))
+        print(f"finished {key}: exit {status}, {record[key]['cpu_seconds']:.0f} CPU s, "
+              f"{record[key]['wall_seconds']:.0f} s wall", flush=True)
+
+
 def train(budget, parallel, where):
     torch.set_num_threads(1)
-    record = json.loads(where.read_text()) if where.exists() else {}
     jobs = []
     for model, (flags, images) in CONFIGS.items():
         per_step, batch = cpu_seconds_per_step(model)
         epochs = max(1, round(budget / (per_step * (images // batch))))
         cmd = [f"{model}.py", *DATA, *flags, "--limit-train", str(images), "--epochs", str(epochs)]
-        jobs.append((model, cmd, per_step, epochs))
-    running = []
-    for model, cmd, per_step, epochs in jobs:
-        while len(running) >= parallel:
-            pid, status, usage = os.wait4(-1, 0)  # the child's own CPU seconds
-            done(record, running, pid, status, usage, where)
-        before = set((ROOT / "runs").glob(f"{model}__equal-time__*"))
         log = ROOT / "runs" / f"equal-time_{model}.log"
-        running.append((launch(cmd, log), model, cmd, per_step, epochs, before, time.time(), log))
-    while running:
-        pid, status, usage = os.wait4(-1, 0)
-        done(record, running, pid, status, usage, where)
-
-
-def done(record, running, pid, status, usage, where):
-    job = next(j for j in running if j[0].pid == pid)
-    running.remove(job)
-    _, model, cmd, per_step, epochs, before, start, log = job
-    run = sorted(set((ROOT / "runs").glob(f"{model}__equal-time__*")) - before)
-    status = exit_code(status, log)
-    record[model] = {"run": str(run[-1].relative_to(ROOT)) if run else None, "exit_status": status,
-                     "epochs": epochs, "cpu_seconds_per_step": per_step,
-                     "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                     "wall_seconds": time.time() - start, "command": shown(cmd)}
-    where.parent.mkdir(parents=True, exist_ok=True)
-    where.write_text(json.dumps(record, indent=2))
-    print(f"{model}: {epochs} epochs, {record[model]['cpu_seconds']:.0f} CPU s, exit {status}",
-          flush=True)
+        jobs.append((model, cmd, log, f"{model}__equal-time__*",
+                     {"epochs": epochs, "cpu_seconds_per_step": per_step}))
+    run_children(jobs, parallel, where)
 
 
 def likelihood(n, iw_samples, ais_steps, chains, where):

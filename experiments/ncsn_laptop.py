@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import ncsn  # noqa: E402
-from experiments.equal_time import exit_code, launch, shown  # noqa: E402
+from experiments.equal_time import run_children  # noqa: E402
 
 RECORD = ROOT / "experiments" / "results" / "ncsn_laptop.json"
 JPEG = os.environ.get("JPEG", "cifar10")  # an image-folder copy, or the real CIFAR-10
@@ -78,26 +78,16 @@ def train(names, budget, epochs=None):
     """Each configuration for about `budget` CPU seconds (whole epochs of 100 steps), or for
     `epochs` on any machine, one at a time."""
     torch.set_num_threads(1)
-    RECORD.parent.mkdir(parents=True, exist_ok=True)
-    record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    jobs = []
     for name in names:
         per_step = cpu_seconds_per_step(name)
         n_epochs = epochs or max(1, round(budget / (per_step * 100)))
-        cmd = [str(ROOT / "ncsn.py"), *SMALL, *CONFIGS[name][0], "--name", f"laptop-{name}",
-               "--epochs", str(n_epochs)]
-        before, start = set((ROOT / "runs").glob(f"ncsn__laptop-{name}__*")), time.time()
-        log = ROOT / "runs" / f"ncsn-laptop_{name}.log"
-        _, status, usage = os.wait4(launch(cmd, log).pid, 0)  # the child's own CPU seconds
-        status = exit_code(status, log)
-        run = sorted(set((ROOT / "runs").glob(f"ncsn__laptop-{name}__*")) - before)
-        record[name] = {"run": str(run[-1].relative_to(ROOT)) if run else None,
-                        "exit_status": status, "epochs": n_epochs, "steps": 100 * n_epochs,
-                        "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                        "wall_seconds": time.time() - start, "cpu_seconds_per_step": per_step,
-                        "command": shown(cmd)}
-        RECORD.write_text(json.dumps(record, indent=2))
-        print(f"{name}: {n_epochs} epochs, {record[name]['cpu_seconds']:.0f} CPU s, exit {status}",
-              flush=True)
+        cmd = [ROOT / "ncsn.py", *SMALL, *CONFIGS[name][0], "--name", f"laptop-{name}",
+               "--epochs", n_epochs]
+        jobs.append((name, cmd, ROOT / "runs" / f"ncsn-laptop_{name}.log",
+                     f"ncsn__laptop-{name}__*", {"epochs": n_epochs, "steps": 100 * n_epochs,
+                                                 "cpu_seconds_per_step": per_step}))
+    run_children(jobs, 1, RECORD)
 
 
 def spectrum(x):

@@ -36,7 +36,7 @@ import torch
 
 import common
 import ncsn
-from experiments.equal_time import exit_code, launch, shown
+from experiments.equal_time import run_children
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = ROOT / "experiments" / "results" / "ncsn_techniques.json"
@@ -104,34 +104,14 @@ def train(names, budget, parallel=2, epochs=None):
     """Each configuration for --budget CPU seconds (whole epochs of 100 steps), or for --epochs on
     any machine, `parallel` at a time."""
     per_step = cpu_seconds_per_step(names)
-    RECORD.parent.mkdir(parents=True, exist_ok=True)
-    record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
-    queue = [(name, epochs or max(1, round(budget / (per_step[name] * 100)))) for name in names]
-    running = {}
-    while queue or running:
-        while queue and len(running) < parallel:
-            name, n_epochs = queue.pop(0)
-            before = set((ROOT / "runs").glob(f"ncsn__techniques-{name}__*"))
-            cmd = [ROOT / "ncsn.py", *argv_of(name), "--epochs", n_epochs]
-            log = ROOT / "runs" / f"ncsn_techniques_{name}.log"
-            # the Popen stays in `running`: one collected while its child runs is reaped by the
-            # next Popen, and os.wait4 would never see that child
-            proc = launch(cmd, log)
-            running[proc.pid] = (proc, name, n_epochs, before, time.time(), cmd, log)
-            print(f"started {name}: {n_epochs} epochs ({per_step[name]:.2f} CPU s per step "
-                  "measured)", flush=True)
-        pid, status, usage = os.wait4(-1, 0)  # the finished child's own rusage: its CPU seconds
-        _, name, n_epochs, before, wall_start, cmd, log = running.pop(pid)
-        status = exit_code(status, log)
-        new = sorted(set((ROOT / "runs").glob(f"ncsn__techniques-{name}__*")) - before)
-        record[name] = {"run": str(new[-1].relative_to(ROOT)) if new else None,
-                        "exit_status": status, "epochs": n_epochs, "steps": n_epochs * 100,
-                        "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                        "wall_seconds": time.time() - wall_start,
-                        "cpu_seconds_per_step_measured": per_step[name], "command": shown(cmd)}
-        RECORD.write_text(json.dumps(record, indent=2))
-        print(f"finished {name}: exit {status}, {record[name]['cpu_seconds']:.0f} CPU s, "
-              f"{record[name]['wall_seconds']:.0f} s wall", flush=True)
+    jobs = []
+    for name in names:
+        n_epochs = epochs or max(1, round(budget / (per_step[name] * 100)))
+        jobs.append((name, [ROOT / "ncsn.py", *argv_of(name), "--epochs", n_epochs],
+                     ROOT / "runs" / f"ncsn_techniques_{name}.log", f"ncsn__techniques-{name}__*",
+                     {"epochs": n_epochs, "steps": n_epochs * 100,
+                      "cpu_seconds_per_step_measured": per_step[name]}))
+    run_children(jobs, parallel, RECORD)
 
 
 def load_run(run, *extra):
